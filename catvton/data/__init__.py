@@ -1,0 +1,1 @@
+"""DeepFashion rows -> validated rows -> try-on pairs -> canvases (see docs/architecture.md)."""

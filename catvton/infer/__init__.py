@@ -1,0 +1,1 @@
+"""The try-on pipeline: person + garment (+ mask) -> image."""

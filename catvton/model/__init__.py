@@ -1,0 +1,1 @@
+"""Loading the FLUX Fill base (hub id or folder) and the offline tiny base."""

@@ -1,0 +1,1 @@
+"""Training math, the per-worker loop and the planner (training issue)."""

@@ -1,0 +1,48 @@
+"""Shared fixtures: image-cell builders and one Ray instance for the whole session."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def png_cell(arr: np.ndarray, mode: str | None = None) -> dict:
+    """A parquet image cell ({bytes, path}) holding ``arr`` as PNG."""
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode=mode).save(buf, format="PNG")
+    return {"bytes": buf.getvalue(), "path": None}
+
+
+def person_and_mask(size: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    photo = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+    mask = np.zeros((size, size), np.uint8)
+    mask[size // 2: size - 4, size // 4: 3 * size // 4] = 255
+    return photo, mask
+
+
+def make_row(pid="id_00000001", pose="01_1_front", cloth_type="Pants", size=64, seed=0, **over) -> dict:
+    photo, mask = person_and_mask(size, seed)
+    row = {"images": png_cell(photo), "gender": "WOMEN", "pose": pose, "cloth_type": cloth_type,
+           "pid": pid, "caption": "a woman in blue pants and a white tee", "mask": png_cell(mask),
+           "mask_overlay": png_cell(photo)}
+    row.update(over)
+    return row
+
+
+@pytest.fixture(scope="session")
+def ray_session(tmp_path_factory):
+    """One local Ray for every test that needs it (init costs seconds)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(tmp_path_factory.mktemp("ray")),
+             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
+    yield ray
+    ray.shutdown()
