@@ -1,0 +1,33 @@
+# Two entry points for a fresh clone (see README):
+#   make demo   installs into .venv and runs the main job on the offline default
+#   make test   installs into .venv and runs the default (fast, CPU) tests
+# torch is installed first and pinned: on a CPU-only machine pip then takes the local CPU
+# wheel; a bare `torch` requirement would pull a multi-GB CUDA build.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+TORCH  ?= torch==2.13.0
+
+.PHONY: install demo test test-all clean-cache
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/python easy_train.py setup --out outputs/setup
+
+test: install
+	$(BIN)/python -m pytest
+
+test-all: install
+	$(BIN)/python -m pytest -m "" 
+
+clean-cache:
+	rm -rf $${CATVTON_CACHE:-$$HOME/.cache/catvton}
