@@ -107,6 +107,8 @@ class ModelConfig:
         "a model in a lifestyle setting."
     )
     """The CatVTON-Flux prompt used in training and inference."""
+    max_sequence_length: int = 512
+    """T5 tokens of the prompt (FLUX: 512); shorter is faster when the prompt is short."""
 
 
 @dataclass
@@ -140,6 +142,69 @@ class TrainConfig:
     """Ray Train workers (one GPU each when ``use_gpu``)."""
     use_gpu: bool = True
     """Train on GPUs; false trains on CPU workers with gloo."""
+    cpus_per_worker: int = 1
+    """CPUs each worker reserves; leave CPUs free for Ray Data and the driver."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps; 0 = ``epochs`` passes over the training pairs."""
+    seed: int = 0
+    """Seed of noise, timesteps, LoRA init and data order."""
+    timesteps: str = "uniform"
+    """Noise-level sampling: ``uniform`` (CatVTON-Flux) or ``logit_normal`` (more mid-range)."""
+    flux_shift: bool = False
+    """Apply FLUX's resolution-dependent shift to the sampled noise levels (more noise on big canvases)."""
+    loss_region: str = "canvas"
+    """Where the loss counts: ``canvas`` (all, as CatVTON-Flux), ``person`` (right half) or
+    ``mask`` (weighted by mask coverage)."""
+    guidance: float = 1.0
+    """Guidance embedding fed in training (CatVTON-Flux: 1.0)."""
+    warmup_steps: int = 100
+    """Linear learning-rate warmup steps."""
+    schedule: str = "cosine"
+    """After warmup: ``cosine`` decay to 10% or ``constant``."""
+    weight_decay: float = 1e-2
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm; 0 disables."""
+    optimizer: str = "auto"
+    """``adamw``, ``adamw8bit`` (bitsandbytes, GPU) or ``auto`` (8-bit when possible)."""
+    val_every: int = 200
+    """Validation loss every this many steps (fixed noise and timesteps: comparable across runs)."""
+    val_batches: int = 8
+    """Validation batches per worker at each validation."""
+    checkpoint_every: int = 500
+    """Write a checkpoint (LoRA, optimizer, RNG) every this many steps, and at the end."""
+    keep_checkpoints: int = 3
+    """Checkpoints kept by Ray (the latest ones)."""
+    max_failures: int = 3
+    """Worker failures survived by restarting from the last checkpoint."""
+    fail_at_step: int = 0
+    """Test-only switch: the last worker dies once at this step (0 = never)."""
+
+
+@dataclass
+class InferConfig:
+    steps: int = 28
+    """Denoising steps at inference (30-50 in CatVTON-Flux's demo)."""
+    guidance: float = 30.0
+    """Guidance at inference; a model trained from scratch needs the training value."""
+    seed: int = 0
+    """Seed of the initial noise."""
+
+
+@dataclass
+class RunOptions:
+    name: str = "catvton-lora"
+    """Run name: re-using a name resumes that run from its latest checkpoint."""
+    storage_path: str = "outputs/ray"
+    """Where Ray keeps checkpoints and results (shared storage on a cluster, e.g. s3:// or NFS)."""
+    output_dir: str = "outputs"
+    """Where the final LoRA, curves and sample grids are exported (``<output_dir>/<name>``)."""
+    wandb_project: str = ""
+    """W&B project; empty keeps W&B offline (files under the run folder)."""
+    wandb_mode: str = "offline"
+    """``offline`` (default, no network) or ``online`` (needs WANDB_API_KEY)."""
+    samples: int = 4
+    """Fixed validation pairs drawn in the sample grid at each checkpoint."""
 
 
 @dataclass
@@ -150,6 +215,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    run: RunOptions = field(default_factory=RunOptions)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -220,6 +287,23 @@ def validate(cfg: Config) -> list[str]:
             p.append(f"train.{name}={getattr(t, name)}: must be at least 1")
     if not 0.0 < t.lr < 1.0:
         p.append(f"train.lr={t.lr}: must be in (0, 1)")
+    choices = {"timesteps": ("uniform", "logit_normal"), "loss_region": ("canvas", "person", "mask"),
+               "schedule": ("cosine", "constant"), "optimizer": ("auto", "adamw", "adamw8bit")}
+    for name, allowed in choices.items():
+        if getattr(t, name) not in allowed:
+            p.append(f"train.{name}={getattr(t, name)!r}: choose from {list(allowed)}")
+    for name in ("max_steps", "warmup_steps", "fail_at_step", "cpus_per_worker"):
+        if getattr(t, name) < 0:
+            p.append(f"train.{name}={getattr(t, name)}: must not be negative")
+    for name in ("val_every", "checkpoint_every", "keep_checkpoints", "val_batches"):
+        if getattr(t, name) < 1:
+            p.append(f"train.{name}={getattr(t, name)}: must be at least 1")
+    if cfg.infer.steps < 1:
+        p.append(f"infer.steps={cfg.infer.steps}: must be at least 1")
+    if cfg.run.wandb_mode not in ("offline", "online", "disabled"):
+        p.append(f"run.wandb_mode={cfg.run.wandb_mode!r}: choose offline, online or disabled")
+    if not cfg.run.name or "/" in cfg.run.name:
+        p.append(f"run.name={cfg.run.name!r}: a non-empty name without '/'")
     return p
 
 
