@@ -1,0 +1,203 @@
+"""The one way to load the FLUX Fill base: a hub id, a local diffusers folder, or ``tiny``.
+
+Every stage (preprocess, train, evaluate, serve) loads through these functions, so the offline
+tiny base and FLUX.1-Fill-dev run the same code::
+
+    pipe = load_pipeline("black-forest-labs/FLUX.1-Fill-dev",
+                         override="xiaozaa/catvton-flux-alpha", torch_dtype=torch.bfloat16,
+                         device="cuda")
+    pipe = load_pipeline("tiny")                     # offline: builds/caches the tiny base
+    transformer = load_transformer("tiny", override="/path/to/finetuned")
+
+A base folder has the diffusers FLUX Fill layout (see :data:`BASE_LAYOUT`). A transformer
+override (a full CatVTON-Flux checkpoint such as ``xiaozaa/catvton-flux-alpha``) replaces the
+base's ``transformer/``; it may keep ``config.json`` and the weights at its root (as that hub repo
+does) or in a ``transformer/`` subfolder.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+TINY = "tiny"
+"""The ``base`` value that selects the offline tiny base (:func:`catvton.model.tiny.ensure_tiny_base`)."""
+
+FILL_IN_CHANNELS = 384
+"""A FLUX Fill transformer's input width: 64 packed noisy latent + 64 packed masked-image latent
++ 256 packed mask. FLUX.1-dev (text-to-image) has 64."""
+
+BASE_LAYOUT = (
+    "model_index.json",
+    "transformer/",
+    "vae/",
+    "text_encoder/",
+    "text_encoder_2/",
+    "tokenizer/",
+    "tokenizer_2/",
+    "scheduler/",
+)
+"""What a base folder holds: what ``FluxFillPipeline.save_pretrained`` writes."""
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class BaseModelError(ValueError):
+    """The base or override given cannot be a FLUX Fill model; the message says what to pass."""
+
+
+def _layout_hint() -> str:
+    return (
+        "a base is a hub id (e.g. black-forest-labs/FLUX.1-Fill-dev) or a local folder in the "
+        f"diffusers FLUX Fill layout ({', '.join(BASE_LAYOUT)}); pass base='tiny' to build and "
+        "use the offline tiny base (python -m catvton.model.tiny)"
+    )
+
+
+def _local_path(ref: str) -> Path | None:
+    """``ref`` as a local path when it is one (exists, or cannot be a hub id); None for a hub id."""
+    path = Path(ref).expanduser()
+    if path.exists():
+        return path
+    if _HUB_ID.match(ref) and not ref.startswith((".", "~")):
+        return None
+    return path  # looks like a path (absolute, ./, ~, several slashes) but is missing
+
+
+def resolve_base(base: str) -> str:
+    """``"tiny"`` -> the cached tiny base folder (built on first use); anything else unchanged.
+
+    A local folder must exist and hold ``model_index.json``; a hub id is passed on as is.
+    """
+    if base == TINY:
+        from catvton.model.tiny import ensure_tiny_base
+
+        return str(ensure_tiny_base())
+    local = _local_path(base)
+    if local is not None:
+        if not local.is_dir():
+            raise BaseModelError(f"base folder {local} does not exist: {_layout_hint()}")
+        if not (local / "model_index.json").is_file():
+            raise BaseModelError(f"base folder {local} has no model_index.json: {_layout_hint()}")
+    return base
+
+
+def _override_config(override: str) -> tuple[str, str | None, dict]:
+    """``(path or hub id, subfolder, config)`` of a transformer override.
+
+    A CatVTON-Flux checkpoint keeps ``config.json`` at its root; a base folder or full pipeline
+    repo keeps it in ``transformer/``. Local folders are looked at; hub repos are asked for the
+    root config first, then ``transformer/`` (only the small config file is fetched).
+    """
+    from diffusers import FluxTransformer2DModel
+
+    local = _local_path(override)
+    if local is not None:
+        if not local.is_dir():
+            raise BaseModelError(f"transformer override folder {local} does not exist")
+        for subfolder in (None, "transformer"):
+            if (local / (subfolder or "") / "config.json").is_file():
+                config = FluxTransformer2DModel.load_config(str(local), subfolder=subfolder)
+                return str(local), subfolder, config
+        raise BaseModelError(
+            f"transformer override {local} has no config.json at its root or in transformer/: pass a "
+            "FluxTransformer2DModel folder (save_pretrained output) or a base folder in the diffusers layout"
+        )
+    try:
+        return override, None, FluxTransformer2DModel.load_config(override)
+    except OSError as root_error:
+        try:
+            config = FluxTransformer2DModel.load_config(override, subfolder="transformer")
+            return override, "transformer", config
+        except OSError:
+            raise BaseModelError(
+                f"transformer override {override}: no config.json at the repo root or in transformer/ "
+                f"(or the hub cannot be reached): {root_error}"
+            ) from root_error
+
+
+def _check_fill(config: dict, where: str) -> None:
+    in_channels = config.get("in_channels")
+    if in_channels != FILL_IN_CHANNELS:
+        raise BaseModelError(
+            f"{where}: in_channels={in_channels}, but a FLUX Fill transformer has {FILL_IN_CHANNELS} "
+            "(64 noisy latent + 64 masked-image latent + 256 mask). A text-to-image FLUX "
+            "(e.g. black-forest-labs/FLUX.1-dev, 64 channels) cannot inpaint: use "
+            "black-forest-labs/FLUX.1-Fill-dev, a CatVTON-Flux checkpoint (xiaozaa/catvton-flux-alpha) "
+            "or base='tiny'"
+        )
+
+
+def load_transformer(base: str, override: str | None = None, torch_dtype: torch.dtype = torch.float32):
+    """The FLUX Fill ``FluxTransformer2DModel``: from ``override`` when given, else the base's.
+
+    The config is read and checked (``in_channels == 384``) before any weights are loaded, so a
+    wrong model fails in seconds, not after reading 24 GB.
+    """
+    from diffusers import FluxTransformer2DModel
+
+    if override:
+        path, subfolder, config = _override_config(override)
+        where = f"transformer override {override}" + (f" ({subfolder}/)" if subfolder else "")
+    else:
+        path, subfolder = resolve_base(base), "transformer"
+        config = FluxTransformer2DModel.load_config(path, subfolder=subfolder)
+        where = f"base {base} (transformer/)"
+    _check_fill(config, where)
+    model = FluxTransformer2DModel.from_pretrained(path, subfolder=subfolder, dtype=torch_dtype)
+    return model.eval()
+
+
+def load_pipeline(
+    base: str,
+    override: str | None = None,
+    torch_dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+):
+    """The ``FluxFillPipeline`` of ``base`` (transformer replaced by ``override`` when given).
+
+    Moved to ``device``, every module in eval mode (a constructed T5 left in training mode makes
+    identical calls differ through dropout), progress bar off.
+    """
+    from diffusers import FluxFillPipeline
+
+    path = resolve_base(base)
+    extra = {}
+    if override:
+        extra["transformer"] = load_transformer(base, override, torch_dtype)
+    else:
+        from diffusers import FluxTransformer2DModel
+
+        config = FluxTransformer2DModel.load_config(path, subfolder="transformer")
+        _check_fill(config, f"base {base} (transformer/)")
+    pipe = FluxFillPipeline.from_pretrained(path, dtype=torch_dtype, **extra)
+    pipe.to(device)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_vae(base: str, torch_dtype: torch.dtype = torch.float32):
+    """The base's ``AutoencoderKL`` (``vae/``), eval mode: for encoding latents once, up front."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(resolve_base(base), subfolder="vae", dtype=torch_dtype).eval()
+
+
+def load_text_encoders(base: str, torch_dtype: torch.dtype = torch.float32):
+    """``(tokenizer, text_encoder, tokenizer_2, text_encoder_2)``: CLIP and T5 of the base, eval mode.
+
+    For the preprocess stage that encodes each unique prompt once (T5-XXL alone is 9.5 GB).
+    """
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    path = resolve_base(base)
+    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=torch_dtype)
+    tokenizer_2 = T5TokenizerFast.from_pretrained(path, subfolder="tokenizer_2")
+    text_encoder_2 = T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", dtype=torch_dtype)
+    return tokenizer, text_encoder.eval(), tokenizer_2, text_encoder_2.eval()
