@@ -1,0 +1,131 @@
+"""The try-on pipeline: [garment | person] canvas + mask -> the person wearing the garment.
+
+One code path for the sample grids during training, the evaluation and (later) the server:
+diffusers' ``FluxFillPipeline`` regenerates the whole canvas, then the generated pixels are
+pasted back only inside the mask on the person half, as CatVTON does, so every unmasked pixel
+of the output is the input's.
+
+Arrays: canvases ``(N, H, 2W, 3)`` float32 in [0, 1], masks ``(N, H, 2W)`` in {0, 1} (zero
+over the garment half).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from catvton.config import Config
+
+
+class TryOn:
+    """A loaded pipeline and the prompt's embeddings (computed once)."""
+
+    def __init__(self, pipe, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor, cfg: Config):
+        self.pipe = pipe
+        self.prompt_embeds = prompt_embeds
+        self.pooled = pooled_prompt_embeds
+        self.cfg = cfg
+
+    @classmethod
+    def load(cls, cfg: Config, lora: str | Path | None = None, device: str = "cpu",
+             dtype: torch.dtype = torch.float32) -> "TryOn":
+        """Base (+ transformer override) from the config, plus a LoRA folder if given."""
+        from catvton.model.loading import load_pipeline
+
+        pipe = load_pipeline(cfg.model.base, cfg.model.transformer_override, torch_dtype=dtype, device=device)
+        if lora is not None:
+            pipe.load_lora_weights(str(lora))
+        with torch.no_grad():
+            prompt, pooled, _ = pipe.encode_prompt(cfg.model.prompt, prompt_2=None, device=device,
+                                                   max_sequence_length=cfg.model.max_sequence_length)
+        return cls(pipe, prompt, pooled, cfg)
+
+    @classmethod
+    def from_parts(cls, cfg: Config, transformer: torch.nn.Module,
+                   text_embeds: dict[str, torch.Tensor] | None = None) -> "TryOn":
+        """Around a transformer being trained (its current weights), without reloading it."""
+        from diffusers import FluxFillPipeline
+
+        from catvton.model.loading import resolve_base
+
+        device = next(transformer.parameters()).device
+        # the frozen base's dtype (LoRA parameters are float32 even on a bf16 base)
+        frozen = [p.dtype for p in transformer.parameters() if not p.requires_grad]
+        dtype = frozen[0] if frozen else next(transformer.parameters()).dtype
+        path = resolve_base(cfg.model.base)
+        if text_embeds is None:
+            pipe = FluxFillPipeline.from_pretrained(path, transformer=transformer, dtype=dtype)
+        else:
+            pipe = FluxFillPipeline.from_pretrained(path, transformer=transformer, text_encoder=None,
+                                                    text_encoder_2=None, tokenizer=None, tokenizer_2=None,
+                                                    dtype=dtype)
+        pipe.vae.to(device).eval()
+        pipe.set_progress_bar_config(disable=True)
+        if text_embeds is None:
+            pipe.text_encoder.to(device).eval()
+            pipe.text_encoder_2.to(device).eval()
+            with torch.no_grad():
+                prompt, pooled, _ = pipe.encode_prompt(cfg.model.prompt, prompt_2=None, device=device,
+                                                       max_sequence_length=cfg.model.max_sequence_length)
+        else:
+            prompt, pooled = text_embeds["prompt_embeds"], text_embeds["pooled_prompt_embeds"]
+        return cls(pipe, prompt.to(device, dtype), pooled.to(device, dtype), cfg)
+
+    @torch.no_grad()
+    def fill_canvases(self, canvases: np.ndarray, masks: np.ndarray, seed: int | None = None,
+                      steps: int | None = None, guidance: float | None = None) -> np.ndarray:
+        """Generate and paste back: returns ``(N, H, 2W, 3)`` float32 in [0, 1]."""
+        n, h, w2, _ = canvases.shape
+        seed = self.cfg.infer.seed if seed is None else seed
+        device = self.prompt_embeds.device
+        image = torch.from_numpy(np.ascontiguousarray(canvases.transpose(0, 3, 1, 2))).float()
+        mask = torch.from_numpy(np.ascontiguousarray(masks[:, None])).float()
+        out = self.pipe(
+            image=image, mask_image=mask, height=h, width=w2,
+            prompt_embeds=self.prompt_embeds.expand(n, -1, -1),
+            pooled_prompt_embeds=self.pooled.expand(n, -1),
+            num_inference_steps=steps or self.cfg.infer.steps,
+            guidance_scale=self.cfg.infer.guidance if guidance is None else guidance,
+            generator=torch.Generator(device="cpu").manual_seed(seed),
+            max_sequence_length=self.cfg.model.max_sequence_length,
+            output_type="np",
+        ).images  # (N, H, 2W, 3) float in [0, 1]
+        return paste_back(canvases, masks, np.asarray(out, dtype=np.float32))
+
+
+def paste_back(canvases: np.ndarray, masks: np.ndarray, generated: np.ndarray) -> np.ndarray:
+    """Keep the input outside the mask, the generated pixels inside it."""
+    m = masks[..., None].astype(np.float32)
+    return canvases * (1.0 - m) + generated * m
+
+
+def grid_image(canvases: np.ndarray, masks: np.ndarray, results: np.ndarray | dict[str, np.ndarray]) -> Image.Image:
+    """One line per sample: garment | masked person | result(s) | ground truth (person halves).
+
+    ``results``: one array, or several by name (e.g. ``{"base": ..., "LoRA": ...}``)."""
+    from catvton.data.canvas import to_uint8
+
+    named = results if isinstance(results, dict) else {"result": results}
+    n, h, w2, _ = canvases.shape
+    w = w2 // 2
+    lines = []
+    for i in range(n):
+        m = masks[i, :, w:, None]
+        person = canvases[i, :, w:]
+        panels = [canvases[i, :, :w], person * (1 - m) + 0.5 * m]
+        panels += [r[i, :, w:] for r in named.values()]
+        panels.append(person)
+        lines.append(np.concatenate([to_uint8(p) for p in panels], axis=1))
+    grid = np.concatenate(lines, axis=0)
+    scale = max(1, 160 // h)
+    img = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    out = Image.new("RGB", (img.width, img.height + 14), "white")
+    out.paste(img, (0, 14))
+    draw = ImageDraw.Draw(out)
+    names = ["garment", "masked person", *named, "ground truth"]
+    for k, name in enumerate(names):
+        draw.text((k * w * scale + 2, 1), name, fill="black")
+    return out

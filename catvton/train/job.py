@@ -1,0 +1,127 @@
+"""The training job behind ``ray_jobs/train.py`` and ``easy_train.py test|full``: resolve the
+base, build (or reuse) the latent cache, fit a ``TorchTrainer``, export the result.
+
+Only small plain values go into ``train_loop_config`` (the config as a dict and folder paths);
+every worker loads the model and reads its data shard itself.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from catvton.config import Config, config_from_dict
+from catvton.train.step import LORA_WEIGHTS
+
+TINY_ALPHA = "tiny-alpha"
+"""``model.transformer_override`` value that means the cached tiny alpha transformer."""
+
+
+@dataclass
+class TrainOutcome:
+    """What a finished run leaves, for the caller to print or test."""
+
+    run_dir: Path
+    """``<run.output_dir>/<run.name>``: loss curve, sample grids, TensorBoard, W&B, exported weights."""
+    checkpoint_dir: Path | None
+    """Ray's latest checkpoint folder (in ``run.storage_path``)."""
+    weights_dir: Path | None
+    """``run_dir/lora`` (or ``run_dir/transformer`` for full fine-tuning): the exported weights."""
+    metrics: dict
+    """The last reported metrics."""
+    cache_dir: Path
+    config: Config
+
+
+def resolve_models(cfg: Config, log: Callable[[str], None] = print) -> Config:
+    """A copy of ``cfg`` whose base and transformer override are concrete folders or hub ids, so
+    that workers never build anything: ``tiny`` becomes the cached tiny base, ``tiny-alpha`` the
+    cached alpha transformer (built now if missing; needs Ray)."""
+    from catvton.model.loading import resolve_base
+
+    out = config_from_dict(cfg.to_dict())
+    if out.model.transformer_override == TINY_ALPHA:
+        from catvton.model.alpha import ensure_tiny_alpha
+
+        out.model.transformer_override = str(ensure_tiny_alpha(out, log=log))
+    out.model.base = resolve_base(out.model.base)
+    return out
+
+
+def storage_path(cfg: Config) -> str:
+    """Ray needs an absolute path or a URI."""
+    p = cfg.run.storage_path
+    return p if "://" in p else str(Path(p).expanduser().resolve())
+
+
+def run_dir(cfg: Config) -> Path:
+    return Path(cfg.run.output_dir).expanduser().resolve() / cfg.run.name
+
+
+def fit(cfg: Config, cache_dir: Path, log: Callable[[str], None] = print) -> TrainOutcome:
+    """Fit the ``TorchTrainer`` for ``cfg`` on the latent cache; re-using ``run.name`` (with the
+    same ``run.storage_path``) resumes that run from its latest checkpoint."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from catvton.data.encode import open_split
+    from catvton.train.loop import train_loop_per_worker
+
+    t = cfg.train
+    out_dir = run_dir(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train_ds = open_split(cache_dir, "train")
+    free = ray.cluster_resources().get("CPU", 0) - t.num_workers * t.cpus_per_worker
+    if free < 1:
+        # Workers holding every CPU would starve a streaming read: read it all first.
+        train_ds = train_ds.materialize()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "cfg": cfg.to_dict(),
+            "cache_dir": str(cache_dir),
+            "run_dir": str(out_dir),
+            "fault_marker": str(out_dir / ".fault_injected"),
+        },
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                     resources_per_worker={"CPU": t.cpus_per_worker}),
+        run_config=RunConfig(
+            name=cfg.run.name,
+            storage_path=storage_path(cfg),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+        ),
+        datasets={"train": train_ds},
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    checkpoint_dir = Path(result.checkpoint.path) if result.checkpoint is not None else None
+    weights = export_weights(checkpoint_dir, out_dir, cfg) if checkpoint_dir else None
+    metrics = dict(result.metrics or {})
+    (out_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    return TrainOutcome(out_dir, checkpoint_dir, weights, metrics, cache_dir, cfg)
+
+
+def export_weights(checkpoint_dir: Path, out_dir: Path, cfg: Config) -> Path:
+    """Copy the trained weights out of Ray's checkpoint into ``out_dir/lora`` (or
+    ``out_dir/transformer``), written to a temp folder and renamed: never half a folder."""
+    name = "lora" if cfg.train.method == "lora" else "transformer"
+    final = out_dir / name
+    tmp = out_dir / f".{name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    if cfg.train.method == "lora":
+        tmp.mkdir(parents=True)
+        shutil.copy2(checkpoint_dir / LORA_WEIGHTS, tmp / LORA_WEIGHTS)
+    else:
+        shutil.copytree(checkpoint_dir / "transformer", tmp)
+    shutil.copy2(checkpoint_dir / "config.json", tmp / "training_config.json")
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
