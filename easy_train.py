@@ -3,9 +3,14 @@
     python easy_train.py setup                                  # offline: synthetic rows, tiny canvas
     python easy_train.py setup --data SaffalPoosh/deepFashion-with-masks --config configs/l40s.yaml
     python easy_train.py setup --data /path/to/folder --out outputs/setup   # local hub-layout parquet
+    python easy_train.py test                                   # a short proof run (tens of steps)
+    python easy_train.py full --epochs 10 --config configs/l40s.yaml
 
 ``setup`` validates every row in parallel with Ray Data and writes a readiness report:
-``dataset_report.json``, ``dataset_report.md`` and ``samples_<group>.png`` grids.
+``dataset_report.json``, ``dataset_report.md`` and ``samples_<group>.png`` grids. ``test`` prints
+the memory/FLOP plan, refuses a config that cannot fit the named GPU, runs the same Ray job for
+a few steps and writes a loss curve, a memory report and the problems it found. ``full`` runs
+the whole job.
 """
 
 from __future__ import annotations
@@ -76,6 +81,102 @@ def setup(
                + ", ".join(str(out / g) for g in report["sample_grids"]))
     if not report["ready"]:
         raise typer.Exit(1)
+
+
+def _plan_or_refuse(cfg, gpu: str) -> None:
+    from catvton.train.planner import plan_from_config
+
+    p = plan_from_config(cfg, gpu=gpu)
+    typer.echo("predicted for FLUX.1-Fill-dev at this config's canvas and batch:")
+    typer.echo(str(p))
+    if not p.fits:
+        typer.echo(f"error: this config needs about {p.peak_bytes / 1e9:.1f} GB on one {gpu}; "
+                   "lower train.batch_size, turn on train.gradient_checkpointing, or use a smaller canvas", err=True)
+        raise typer.Exit(2)
+
+
+def _findings(outcome, history: list[dict]) -> list[str]:
+    """Problems a short run can reveal, each with what to do."""
+    from catvton.data.encode import load_manifest
+
+    found = []
+    manifest = load_manifest(outcome.cache_dir)
+    bad = manifest.get("skipped", {}).get("bad_rows", {})
+    if bad:
+        found.append(f"{sum(bad.values())} bad rows were excluded {bad}: run `easy_train.py setup` for details")
+    for split in ("val", "test"):
+        if not sum(manifest["counts"][split].values()):
+            found.append(f"no {split} pairs: raise data.{split}_fraction or use more data")
+    losses = [h["loss"] for h in history if "loss" in h]
+    if len(losses) >= 6:
+        first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+        if not last < first:
+            found.append(f"train loss did not fall ({first:.4f} -> {last:.4f}): try a lower train.lr or more steps")
+    vals = [h["val_loss"] for h in history if "val_loss" in h]
+    if len(vals) >= 2 and not vals[-1] < vals[0]:
+        found.append(f"val loss did not fall ({vals[0]:.4f} -> {vals[-1]:.4f})")
+    return found
+
+
+@app.command()
+def test(
+    steps: Annotated[int, typer.Option(help="Optimizer steps of the proof run.")] = 30,
+    gpu: Annotated[str, typer.Option(help="GPU the memory plan is checked against: L40S, H100 or H200.")] = "L40S",
+    config: ConfigOpt = DEFAULT_CONFIG,
+    set_: SetOpt = None,
+) -> None:
+    """A short proof run: loss curve, memory report, errors found (exit 1 if problems were found)."""
+    import json
+
+    from catvton.ray_utils import init_ray
+    from catvton.train.job import run_job, summary_lines
+
+    cfg = _load(config, list(set_ or []) + [f"train.max_steps={steps}", f"train.val_every={max(1, steps // 3)}",
+                                            f"train.checkpoint_every={steps}"])
+    cfg.run.name = cfg.run.name + "-test"
+    _plan_or_refuse(cfg, gpu)
+    init_ray()
+    outcome = run_job(cfg)
+    import torch
+
+    state = torch.load(outcome.checkpoint_dir / "training_state.pt", weights_only=False)
+    history = state["history"]
+    found = _findings(outcome, history)
+    memory = {k: max((h.get(k, 0.0) for h in history), default=0.0) for k in ("peak_rss_mb", "peak_cuda_mb")}
+    report = {"steps": outcome.metrics.get("step"), "final": outcome.metrics, "memory_mb": memory,
+              "findings": found, "loss_curve": str(outcome.run_dir / "loss_curve.png")}
+    (outcome.run_dir / "test_report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    typer.echo("\n".join(summary_lines(outcome)))
+    typer.echo(f"memory: peak RSS {memory['peak_rss_mb']:.0f} MB per worker"
+               + (f", peak CUDA {memory['peak_cuda_mb']:.0f} MB" if memory["peak_cuda_mb"] else " (no GPU)"))
+    typer.echo("problems found: " + ("none" if not found else ""))
+    for f in found:
+        typer.echo(f"  - {f}")
+    typer.echo(f"report: {outcome.run_dir / 'test_report.json'}")
+    if found:
+        raise typer.Exit(1)
+
+
+@app.command()
+def full(
+    epochs: Annotated[int, typer.Option(help="Passes over the training pairs.")] = 10,
+    push_to_hub: Annotated[bool, typer.Option("--push-to-hub", help="Upload the LoRA to the Hugging Face Hub (not yet available).")] = False,
+    hub_model_id: Annotated[Optional[str], typer.Option(help="Hub repo for --push-to-hub, e.g. you/catvton-flux-bottoms-lora.")] = None,
+    config: ConfigOpt = DEFAULT_CONFIG,
+    set_: SetOpt = None,
+) -> None:
+    """The full training run through the same Ray job (re-running resumes)."""
+    from catvton.ray_utils import init_ray
+    from catvton.train.job import run_job, summary_lines
+
+    if push_to_hub or hub_model_id:
+        typer.echo("error: --push-to-hub is not available yet (it arrives with the evaluation and publishing "
+                   "work). Train without it; the LoRA is written to outputs/<run.name>/lora.", err=True)
+        raise typer.Exit(2)
+    cfg = _load(config, list(set_ or []) + [f"train.epochs={epochs}", "train.max_steps=0"])
+    init_ray()
+    outcome = run_job(cfg)
+    typer.echo("\n".join(summary_lines(outcome)))
 
 
 @app.command("config")

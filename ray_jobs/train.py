@@ -34,9 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from catvton.config import ConfigError, load_config
-    from catvton.data.encode import build_latent_cache
     from catvton.ray_utils import init_ray
-    from catvton.train.job import fit, resolve_models
+    from catvton.train.job import run_job, summary_lines
 
     try:
         cfg = load_config(args.config, args.set)
@@ -44,19 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         print(e, file=sys.stderr)
         return 2
     init_ray()
-    cfg = resolve_models(cfg)
-    cache = build_latent_cache(cfg, num_encoders=args.encoders, use_gpu=cfg.train.use_gpu)
-    outcome = fit(cfg, cache)
-    m = outcome.metrics
+    outcome = run_job(cfg, num_encoders=args.encoders)
     print("\n== training finished ==")
-    print(f"steps: {m.get('step')}   train loss: {m.get('loss', float('nan')):.4f}   "
-          f"val loss: {m.get('val_loss', float('nan')):.4f}")
-    print(f"weights:      {outcome.weights_dir}")
-    print(f"loss curve:   {outcome.run_dir / 'loss_curve.png'}")
-    grids = sorted(outcome.run_dir.glob("samples_step*.png"))
-    print(f"sample grids: {grids[-1] if grids else '(none)'}")
-    print(f"tensorboard:  tensorboard --logdir {outcome.run_dir / 'tensorboard'}")
-    print(f"checkpoint:   {outcome.checkpoint_dir}")
+    print("\n".join(summary_lines(outcome)))
     return 0
 
 

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from catvton.config import Config, config_from_dict
+from catvton.config import Config, RunOptions, TrainConfig, config_from_dict
 
 ALPHA_VERSION = "tiny-alpha-v1"
 ALPHA_STEPS = 500
@@ -33,9 +33,12 @@ def alpha_config(cfg: Config) -> Config:
     a = config_from_dict(cfg.to_dict())  # a deep copy
     a.data.groups, a.data.upper_share = ["upper"], 0.0
     a.model.transformer_override = None
-    a.train.method, a.train.lr, a.train.batch_size, a.train.grad_accum = "full", 1e-3, 8, 1
-    a.train.warmup_steps, a.train.schedule, a.train.gradient_checkpointing = 50, "cosine", False
-    a.train.precision, a.train.use_gpu = "fp32", False
+    # Everything about training is fixed here, so the job's own training knobs (steps, lr, run
+    # name...) neither change the alpha nor its cache key.
+    a.train = TrainConfig(method="full", lr=1e-3, batch_size=8, grad_accum=1, warmup_steps=50,
+                          schedule="cosine", gradient_checkpointing=False, precision="fp32", use_gpu=False,
+                          seed=0)  # one alpha for every LoRA seed: the model we start from
+    a.run = RunOptions(name="tiny-alpha")
     return a
 
 

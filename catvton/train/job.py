@@ -61,7 +61,8 @@ def run_dir(cfg: Config) -> Path:
     return Path(cfg.run.output_dir).expanduser().resolve() / cfg.run.name
 
 
-def fit(cfg: Config, cache_dir: Path, log: Callable[[str], None] = print) -> TrainOutcome:
+def fit(cfg: Config, cache_dir: Path, log: Callable[[str], None] = print, dump_dir: Path | None = None,
+        log_every: int = 5) -> TrainOutcome:
     """Fit the ``TorchTrainer`` for ``cfg`` on the latent cache; re-using ``run.name`` (with the
     same ``run.storage_path``) resumes that run from its latest checkpoint."""
     import ray
@@ -86,6 +87,8 @@ def fit(cfg: Config, cache_dir: Path, log: Callable[[str], None] = print) -> Tra
             "cache_dir": str(cache_dir),
             "run_dir": str(out_dir),
             "fault_marker": str(out_dir / ".fault_injected"),
+            "dump_dir": str(dump_dir) if dump_dir else "",
+            "log_every": log_every,
         },
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker}),
@@ -100,11 +103,40 @@ def fit(cfg: Config, cache_dir: Path, log: Callable[[str], None] = print) -> Tra
     result = trainer.fit()
     if result.error is not None:
         raise result.error
+    if (result.metrics or {}).get("stopped"):
+        from catvton.train.loop import NonFiniteLoss
+
+        last = f" Latest checkpoint folder: {result.checkpoint.path}." if result.checkpoint else ""
+        raise NonFiniteLoss(result.metrics["stopped"] + last)
     checkpoint_dir = Path(result.checkpoint.path) if result.checkpoint is not None else None
     weights = export_weights(checkpoint_dir, out_dir, cfg) if checkpoint_dir else None
     metrics = dict(result.metrics or {})
     (out_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
     return TrainOutcome(out_dir, checkpoint_dir, weights, metrics, cache_dir, cfg)
+
+
+def run_job(cfg: Config, num_encoders: int = 1, log: Callable[[str], None] = print) -> TrainOutcome:
+    """The whole job on a running Ray: resolve the models, build or reuse the latent cache, fit."""
+    from catvton.data.encode import build_latent_cache
+
+    cfg = resolve_models(cfg, log=log)
+    cache = build_latent_cache(cfg, num_encoders=num_encoders, use_gpu=cfg.train.use_gpu, log=log)
+    return fit(cfg, cache, log=log)
+
+
+def summary_lines(outcome: TrainOutcome) -> list[str]:
+    """What a finished run prints: figures and where everything is."""
+    m = outcome.metrics
+    grids = sorted(outcome.run_dir.glob("samples_step*.png"))
+    return [
+        f"steps: {m.get('step')}   train loss: {m.get('loss', float('nan')):.4f}   "
+        f"val loss: {m.get('val_loss', float('nan')):.4f}",
+        f"weights:      {outcome.weights_dir}",
+        f"loss curve:   {outcome.run_dir / 'loss_curve.png'}",
+        f"sample grids: {grids[-1] if grids else '(none)'}",
+        f"tensorboard:  tensorboard --logdir {outcome.run_dir / 'tensorboard'}",
+        f"checkpoint:   {outcome.checkpoint_dir}",
+    ]
 
 
 def export_weights(checkpoint_dir: Path, out_dir: Path, cfg: Config) -> Path:

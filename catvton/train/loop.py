@@ -22,12 +22,10 @@ import torch
 from catvton.config import Config, config_from_dict
 from catvton.train import step as S
 
-LOG_EVERY = 5
-"""Steps between metric reports (every report is a sync point of all workers)."""
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """Raised by the driver when the workers stopped on a NaN or infinite loss."""
 
 
 def steps_per_epoch(n_train: int, cfg: Config, world: int) -> int:
@@ -67,8 +65,9 @@ def load_val_batches(cache: Path, manifest: dict, cfg: Config, device) -> list[d
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry: ``config`` = ``{"cfg": Config.to_dict(), "cache_dir": str, "run_dir":
-    str, "fault_marker": str}``."""
+    """Ray Train entry. ``config``: ``cfg`` (Config.to_dict()), ``cache_dir``, ``run_dir``,
+    ``fault_marker`` (test-only failure switch), ``dump_dir`` (test-only: each rank's weights at
+    the end), ``log_every`` (steps between metric reports)."""
     import ray.train
     import ray.train.torch
     from ray.train import Checkpoint
@@ -125,7 +124,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     _sample_grid(model, samples, cfg, run_dir / f"samples_step{metrics['step']:06d}.png")
                 ckpt = Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
-        last_checkpoint = f"step {metrics['step']}"
+        last_checkpoint = f"step {metrics['step']}"  # reported; Ray names its folder
 
     if step == 0 and rank == 0:
         m = {"step": 0, "epoch": 0, **S.fixed_val_loss(model, val_batches, text, cfg)}
@@ -162,19 +161,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             mean_loss = _all_mean(sum(window) / len(window), world)
             window = []
             if not math.isfinite(mean_loss):
-                raise NonFiniteLoss(
-                    f"loss became {mean_loss} at step {step}; stopping. Last good checkpoint: "
-                    f"{last_checkpoint or 'none yet'} in {run_dir}. Lower train.lr or check the data."
-                )
+                # Every rank sees the same all-reduced loss, so all stop here together. Stopping
+                # cleanly (not raising) keeps Ray from retrying a run that would fail the same way.
+                message = (f"loss became {mean_loss} at step {step}; the run stopped. Last good checkpoint: "
+                           f"{last_checkpoint or 'none yet'} (under {config['cfg']['run']['storage_path']}). "
+                           "Lower train.lr or check the data.")
+                ray.train.report({"step": step, "loss": mean_loss, "stopped": message})
+                tracker.close()
+                return
             _maybe_inject_failure(config, step, rank, world)
             metrics = {"step": step, "epoch": epoch, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
-                       "grad_norm": grad_norm, "sec_per_step": (time.perf_counter() - t0)}
+                       "grad_norm": grad_norm, "sec_per_step": (time.perf_counter() - t0), **_memory(device)}
             t0 = time.perf_counter()
             do_val = step % cfg.train.val_every == 0 or step == total
             do_ckpt = step % cfg.train.checkpoint_every == 0 or step == total
             if do_val and rank == 0:
                 metrics.update(S.fixed_val_loss(model, val_batches, text, cfg))
-            if do_val or do_ckpt or step % LOG_EVERY == 0:
+            if do_val or do_ckpt or step % config.get("log_every", 5) == 0:
                 report(metrics, with_checkpoint=do_ckpt)
             if step >= total:
                 break
@@ -182,6 +185,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         plot_loss_curve(history, run_dir / "loss_curve.png", title=f"{cfg.run.name}: flow-matching loss")
     tracker.close()
+    if config.get("dump_dir"):  # test hook: every rank's trainable weights, to compare ranks
+        Path(config["dump_dir"]).mkdir(parents=True, exist_ok=True)
+        torch.save({n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+                   Path(config["dump_dir"]) / f"rank{rank}.pt")
+
+
+def _memory(device) -> dict[str, float]:
+    """Peak resident memory of this worker process and, on a GPU, peak allocated CUDA memory."""
+    import resource
+
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
 
 
 def _all_mean(value: float, world: int) -> float:
