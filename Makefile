@@ -22,6 +22,7 @@ install: $(VENV)/.installed
 
 demo: install
 	$(BIN)/python easy_train.py setup --out outputs/setup
+	$(BIN)/python ray_jobs/train.py
 
 test: install
 	$(BIN)/python -m pytest

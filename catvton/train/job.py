@@ -70,11 +70,12 @@ def fit(cfg: Config, cache_dir: Path, log: Callable[[str], None] = print, dump_d
     from ray.train.torch import TorchTrainer
 
     from catvton.data.encode import open_split
-    from catvton.train.loop import train_loop_per_worker
+    from catvton.train.loop import STOPPED, NonFiniteLoss, train_loop_per_worker
 
     t = cfg.train
     out_dir = run_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / STOPPED).unlink(missing_ok=True)  # a reason left by an earlier attempt
     train_ds = open_split(cache_dir, "train")
     free = ray.cluster_resources().get("CPU", 0) - t.num_workers * t.cpus_per_worker
     if free < 1:
@@ -103,11 +104,9 @@ def fit(cfg: Config, cache_dir: Path, log: Callable[[str], None] = print, dump_d
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    if (result.metrics or {}).get("stopped"):
-        from catvton.train.loop import NonFiniteLoss
-
+    if (out_dir / STOPPED).is_file():
         last = f" Latest checkpoint folder: {result.checkpoint.path}." if result.checkpoint else ""
-        raise NonFiniteLoss(result.metrics["stopped"] + last)
+        raise NonFiniteLoss((out_dir / STOPPED).read_text().strip() + last)
     checkpoint_dir = Path(result.checkpoint.path) if result.checkpoint is not None else None
     weights = export_weights(checkpoint_dir, out_dir, cfg) if checkpoint_dir else None
     metrics = dict(result.metrics or {})

@@ -24,6 +24,10 @@ from catvton.train import step as S
 
 
 
+STOPPED = "STOPPED.txt"
+"""Written to the run folder when the workers stop on a non-finite loss."""
+
+
 class NonFiniteLoss(RuntimeError):
     """Raised by the driver when the workers stopped on a NaN or infinite loss."""
 
@@ -166,6 +170,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 message = (f"loss became {mean_loss} at step {step}; the run stopped. Last good checkpoint: "
                            f"{last_checkpoint or 'none yet'} (under {config['cfg']['run']['storage_path']}). "
                            "Lower train.lr or check the data.")
+                if rank == 0:  # Ray's Result keeps checkpointed metrics: leave the reason in a file too
+                    (run_dir / STOPPED).write_text(message + "\n")
                 ray.train.report({"step": step, "loss": mean_loss, "stopped": message})
                 tracker.close()
                 return
