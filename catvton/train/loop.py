@@ -137,7 +137,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     shard = ray.train.get_dataset_shard("train")
     epoch = step // max(1, steps_per_epoch(n_train, cfg, world))
-    micro, window, t0 = 0, [], time.perf_counter()
+    micro, window, t0, steps_since = 0, [], time.perf_counter(), 0
     while step < total:
         for np_batch in shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy",
                                            local_shuffle_buffer_size=4 * cfg.train.batch_size,
@@ -176,15 +176,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 tracker.close()
                 return
             _maybe_inject_failure(config, step, rank, world)
+            steps_since += 1
             metrics = {"step": step, "epoch": epoch, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
-                       "grad_norm": grad_norm, "sec_per_step": (time.perf_counter() - t0), **_memory(device)}
-            t0 = time.perf_counter()
+                       "grad_norm": grad_norm, **_memory(device)}
             do_val = step % cfg.train.val_every == 0 or step == total
             do_ckpt = step % cfg.train.checkpoint_every == 0 or step == total
             if do_val and rank == 0:
                 metrics.update(S.fixed_val_loss(model, val_batches, text, cfg))
             if do_val or do_ckpt or step % config.get("log_every", 5) == 0:
+                # mean wall time of the steps since the last report, report cost included
+                metrics["sec_per_step"] = (time.perf_counter() - t0) / steps_since
                 report(metrics, with_checkpoint=do_ckpt)
+                t0, steps_since = time.perf_counter(), 0
             if step >= total:
                 break
         epoch += 1
