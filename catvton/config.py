@@ -302,6 +302,8 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"infer.steps={cfg.infer.steps}: must be at least 1")
     if cfg.run.wandb_mode not in ("offline", "online", "disabled"):
         p.append(f"run.wandb_mode={cfg.run.wandb_mode!r}: choose offline, online or disabled")
+    if cfg.run.wandb_mode == "online" and not cfg.run.wandb_project:
+        p.append("run.wandb_mode=online needs run.wandb_project (and WANDB_API_KEY in the environment)")
     if not cfg.run.name or "/" in cfg.run.name:
         p.append(f"run.name={cfg.run.name!r}: a non-empty name without '/'")
     return p

@@ -63,3 +63,8 @@ def test_every_field_is_documented():
     rows = describe()
     undocumented = [name for name, _, doc in rows if not doc]
     assert rows and not undocumented
+
+
+def test_online_wandb_without_a_project_is_refused():
+    with pytest.raises(ConfigError, match="wandb_project"):
+        load_config(None, ["run.wandb_mode=online"])

@@ -26,10 +26,10 @@ class Tracker:
         if cfg.run.wandb_mode != "disabled":
             import wandb
 
-            mode = cfg.run.wandb_mode if cfg.run.wandb_project or cfg.run.wandb_mode == "offline" else "offline"
             os.environ.setdefault("WANDB_SILENT", "true")
             self.wandb = wandb.init(project=cfg.run.wandb_project or "catvton-flux-tryon", name=cfg.run.name,
-                                    dir=str(run_dir), mode=mode, config=cfg.to_dict(), reinit="finish_previous")
+                                    dir=str(run_dir), mode=cfg.run.wandb_mode, config=cfg.to_dict(),
+                                    reinit="finish_previous")
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if not self.enabled:
