@@ -1,0 +1,294 @@
+"""What a try-on server replica does, without the server: settings, loading, one request end to end.
+
+``serve/app.py`` wires this into Ray Serve; everything that decides an output lives here, in the
+library, so that a test (or a batch job) gets the same picture as the HTTP API::
+
+    settings = serve_config_from_dict({"lora": ["outputs/tiny-sweep/release", "outputs/tiny-lora/lora"]})
+    service = TryOnService.load(settings)
+    job = service.prepare(person, garment, mask, "lower", seed=0, steps=None, guidance=None, half_hw=None)
+    image = service.finish(job, service.generate([job])[0])   # (h, w, 3) uint8, the person's size
+
+The model config (base, transformer override, prompt, canvas, mask rules, inference defaults) is the
+LoRA folder's ``training_config.json`` when it has one, so a LoRA is served exactly as it was
+trained; otherwise ``config``. Paths come from these settings only, never from a request.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from catvton.config import Config, ConfigError, _apply, config_from_dict, load_config
+from catvton.data.schema import GROUPS
+from catvton.infer.request import ImageLimits, InputError, request_sample, to_person_size
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+API_KEY_ENV = "TRYON_API_KEY"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class ServeConfig:
+    config: str = "configs/tiny.yaml"
+    """catvton config file used when the LoRA folder has no ``training_config.json`` (relative
+    paths are taken from the repository root)."""
+    overrides: list[str] = field(default_factory=list)
+    """Dotted overrides on top of the model config, e.g. ``model.base=/models/flux-fill``."""
+    lora: list[str] = field(default_factory=list)
+    """LoRA folders, first existing one wins (the sweep's release folder, then a single run's
+    LoRA); each needs ``pytorch_lora_weights.safetensors``. Empty: the base alone."""
+    parser: str = ""
+    """Human-parsing model (transformers segmentation, hub id or folder) for requests without a
+    mask, e.g. ``mattmdjaga/segformer_b2_clothes``; empty: such requests get a 422."""
+    parser_labels: dict[str, list[str]] = field(default_factory=dict)
+    """Parser label names per garment group; empty: the ATR names (see catvton.infer.automask)."""
+    api_key: str = ""
+    """Bearer token required on every route but /healthz; the TRYON_API_KEY environment variable,
+    when set, wins. Empty: no authentication (only behind a trusted gateway)."""
+    device: str = "auto"
+    """``cpu``, ``cuda`` or ``auto`` (cuda when available; bf16 there, fp32 on CPU)."""
+    torch_threads: int = 0
+    """torch intra-op threads per replica; 0 leaves torch's default."""
+    max_body_mb: float = 25.0
+    """Largest request body accepted (413 beyond it)."""
+    max_image_side: int = 8192
+    """Longest side of an uploaded image."""
+    max_image_pixels: int = 40_000_000
+    """Width x height of an uploaded image (checked on the header, before decoding)."""
+    min_image_side: int = 16
+    """Shortest side of an uploaded image."""
+    max_half_pixels: int = 1024 * 1024
+    """Largest canvas half a request's ``size`` may ask for (FLUX memory grows with it)."""
+    max_steps: int = 50
+    """Most denoising steps a request may ask for."""
+    max_batch_size: int = 4
+    """Requests of one size generated together (serve.batch)."""
+    batch_wait_timeout_s: float = 0.05
+    """How long a batch waits to fill: latency added for throughput."""
+    retry_after_s: int = 2
+    """``Retry-After`` of a 503 when the model's queue is full."""
+
+    @property
+    def limits(self) -> ImageLimits:
+        return ImageLimits(self.min_image_side, self.max_image_side, self.max_image_pixels)
+
+    def resolved_api_key(self) -> str:
+        return os.environ.get(API_KEY_ENV) or self.api_key
+
+
+def _path(p: str) -> Path:
+    path = Path(p).expanduser()
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+def serve_config_from_dict(d: dict[str, Any] | None) -> ServeConfig:
+    """Settings from a mapping (``serve/config.yaml``'s ``args``); every problem at once."""
+    s = ServeConfig()
+    problems: list[str] = []
+    d = dict(d or {})
+    if isinstance(d.get("lora"), str):  # one folder is a list of one
+        d["lora"] = [d["lora"]] if d["lora"] else []
+    if "parser_labels" in d:
+        labels = d.pop("parser_labels") or {}
+        if not isinstance(labels, dict) or not all(isinstance(v, list) for v in labels.values()):
+            problems.append("parser_labels: a mapping group -> list of label names")
+        else:
+            bad = [g for g in labels if g not in GROUPS]
+            if bad:
+                problems.append(f"parser_labels has {bad}: groups are {list(GROUPS)}")
+            s.parser_labels = {g: [str(n) for n in v] for g, v in labels.items()}
+    _apply(s, d, "", problems)
+    if not problems:
+        problems = validate_serve(s)
+    if problems:
+        raise ConfigError(problems)
+    return s
+
+
+def validate_serve(s: ServeConfig) -> list[str]:
+    p = []
+    for name in ("max_image_side", "max_image_pixels", "min_image_side", "max_half_pixels", "max_steps",
+                 "max_batch_size"):
+        if getattr(s, name) < 1:
+            p.append(f"{name}={getattr(s, name)}: must be at least 1")
+    if s.max_body_mb <= 0:
+        p.append(f"max_body_mb={s.max_body_mb}: must be positive")
+    if s.batch_wait_timeout_s < 0 or s.retry_after_s < 0:
+        p.append("batch_wait_timeout_s and retry_after_s must not be negative")
+    if s.device not in ("auto", "cpu", "cuda"):
+        p.append(f"device={s.device!r}: choose auto, cpu or cuda")
+    if s.lora and not any(_path(f).is_dir() for f in s.lora):
+        p.append(f"lora: none of {s.lora} exists; train one (python ray_jobs/train.py) or run the sweep "
+                 "(python ray_jobs/tune.py), or set lora: [] to serve the base alone")
+    return p
+
+
+def pick_lora(s: ServeConfig) -> Path | None:
+    """The first existing LoRA folder; refuses one without safetensors weights or with pickles."""
+    for f in s.lora:
+        path = _path(f)
+        if path.is_dir():
+            if not (path / LORA_WEIGHTS).is_file():
+                raise ConfigError([f"lora folder {path} has no {LORA_WEIGHTS} (only safetensors are loaded)"])
+            refuse_pickles(path, "lora")
+            return path
+    return None
+
+
+def refuse_pickles(folder: Path, what: str) -> None:
+    """Pickled weights can run code when loaded: a local folder holding any is refused."""
+    found = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES]
+    if found:
+        raise ConfigError([f"{what} folder {folder} holds pickled weights {found[:3]}: only safetensors are "
+                           "loaded; convert them (safetensors.torch.save_file) and remove the pickles"])
+
+
+def model_config(s: ServeConfig, lora: Path | None) -> Config:
+    """The LoRA's own training config when it has one, else ``s.config``; overrides on top."""
+    if lora is not None and (lora / "training_config.json").is_file():
+        cfg = config_from_dict(json.loads((lora / "training_config.json").read_text()))
+        if s.overrides:
+            from catvton.config import _dotted_to_nested
+
+            problems: list[str] = []
+            _apply(cfg, _dotted_to_nested(list(s.overrides), problems), "", problems)
+            if problems:
+                raise ConfigError(problems)
+        return cfg
+    return load_config(_path(s.config), s.overrides)
+
+
+@dataclass
+class Job:
+    """One request, ready for the generator."""
+
+    canvas: np.ndarray
+    """(H, 2W, 3) float32 in [0, 1]: [garment | person]."""
+    mask_canvas: np.ndarray
+    """(H, 2W) float32: [0 | general mask]."""
+    person: np.ndarray
+    """(h, w, 3) uint8: the uploaded photo, for pasting back at its own size."""
+    garment_mask: np.ndarray
+    """(h, w) bool: the worn garment (request or auto-masker), before generalising."""
+    group: str
+    seed: int
+    steps: int
+    guidance: float
+    mask_source: str
+    """``request`` or ``auto``."""
+
+    @property
+    def batch_key(self) -> tuple:
+        """Requests with the same key can share one pipeline call."""
+        return self.canvas.shape, self.steps, self.guidance
+
+
+class TryOnService:
+    """Base + LoRA (+ parser), loaded once; stateless per request."""
+
+    def __init__(self, settings: ServeConfig, cfg: Config, tryon, lora: Path | None, masker=None):
+        self.settings = settings
+        self.cfg = cfg
+        self.tryon = tryon
+        self.lora = lora
+        self.masker = masker
+
+    @classmethod
+    def load(cls, settings: ServeConfig) -> "TryOnService":
+        import torch
+
+        from catvton.infer.tryon import TryOn
+
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        lora = pick_lora(settings)
+        cfg = model_config(settings, lora)
+        if cfg.model.transformer_override == "tiny-alpha":
+            from catvton.train.job import resolve_models
+
+            cfg = resolve_models(cfg)
+        for ref in (cfg.model.base, cfg.model.transformer_override, settings.parser):
+            if ref and Path(ref).expanduser().is_dir():
+                refuse_pickles(Path(ref).expanduser(), "model")
+        device = "cuda" if settings.device == "auto" and torch.cuda.is_available() else settings.device
+        device = "cpu" if device == "auto" else device
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        tryon = TryOn.load(cfg, lora=lora, device=device, dtype=dtype)
+        masker = None
+        if settings.parser:
+            from catvton.infer.automask import AutoMasker
+
+            parser = str(_path(settings.parser)) if _path(settings.parser).exists() else settings.parser
+            masker = AutoMasker.load(parser, settings.parser_labels or None, device=device)
+        return cls(settings, cfg, tryon, lora, masker)
+
+    def info(self) -> dict[str, Any]:
+        """What is loaded: base, override, LoRA and its metrics, canvas, limits."""
+        metrics = None
+        if self.lora is not None and (self.lora / "metrics.json").is_file():
+            metrics = json.loads((self.lora / "metrics.json").read_text())
+        c = self.cfg
+        return {
+            "base": c.model.base, "transformer_override": c.model.transformer_override,
+            "lora": str(self.lora) if self.lora else None, "metrics": metrics,
+            "canvas": {"half_width": c.canvas.half_width, "half_height": c.canvas.half_height,
+                       "person_fit": c.canvas.person_fit},
+            "mask_rules": {g: getattr(c.mask, f"{g}_rule") for g in GROUPS},
+            "defaults": {"steps": c.infer.steps, "guidance": c.infer.guidance, "seed": c.infer.seed},
+            "max_steps": self.settings.max_steps, "auto_mask": self.masker is not None,
+            "parser": self.settings.parser or None, "garment_types": list(GROUPS),
+        }
+
+    def prepare(self, person: np.ndarray, garment: np.ndarray, mask: np.ndarray | None, group: str,
+                seed: int | None, steps: int | None, guidance: float | None,
+                half_hw: tuple[int, int] | None) -> Job:
+        """Mask (request or auto), canvas and parameters of one request; :class:`InputError` if unusable."""
+        if group not in GROUPS:
+            raise InputError("garment_type", f"{group!r} is not a garment type: choose from {list(GROUPS)}")
+        if steps is not None and not 1 <= steps <= self.settings.max_steps:
+            raise InputError("steps", f"steps={steps}: choose 1 to {self.settings.max_steps}")
+        source = "request"
+        if mask is None:
+            if self.masker is None:
+                raise InputError("mask", "this server has no human parser configured: send a mask "
+                                         "(white = the worn garment, the person photo's size)")
+            mask, general = self.masker.general(person, group, self.cfg.mask)
+            if not general.any():
+                raise InputError("mask", f"the parser found no {group} garment on the person: send a mask")
+            source = "auto"
+        half_hw = half_hw or (self.cfg.canvas.half_height, self.cfg.canvas.half_width)
+        sample = request_sample(person, garment, mask, group, self.cfg, half_hw)
+        if not sample.mask_canvas.any():
+            raise InputError("mask", "the mask vanishes at the canvas size: mark a larger region")
+        return Job(sample.canvas, sample.mask_canvas, person, mask, group,
+                   self.cfg.infer.seed if seed is None else int(seed),
+                   self.cfg.infer.steps if steps is None else int(steps),
+                   self.cfg.infer.guidance if guidance is None else float(guidance), source)
+
+    def generate(self, jobs: list[Job]) -> list[np.ndarray]:
+        """Generated canvases, one pipeline call per batch key; each job's noise comes from its own
+        seed, so a result does not depend on what it was batched with."""
+        out: list[np.ndarray | None] = [None] * len(jobs)
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, job in enumerate(jobs):
+            groups[job.batch_key].append(i)
+        for idx in groups.values():
+            first = jobs[idx[0]]
+            results = self.tryon.fill_canvases(np.stack([jobs[i].canvas for i in idx]),
+                                               np.stack([jobs[i].mask_canvas for i in idx]),
+                                               seed=[jobs[i].seed for i in idx], steps=first.steps,
+                                               guidance=first.guidance)
+            for k, i in enumerate(idx):
+                out[i] = results[k]
+        return out  # type: ignore[return-value]
+
+    def finish(self, job: Job, result: np.ndarray) -> np.ndarray:
+        """The try-on at the person photo's size, ``(h, w, 3)`` uint8."""
+        return to_person_size(result, job.person, job.garment_mask, job.group, self.cfg)

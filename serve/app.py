@@ -1,0 +1,339 @@
+"""The try-on service on Ray Serve: a FastAPI ingress in front of a batched model deployment.
+
+    serve run serve/config.yaml                      # local: tiny base + the trained LoRA
+    ray start --head && serve deploy serve/config.yaml   # onto a running Ray cluster
+
+Routes: ``POST /v1/tryon`` (multipart; PNG, or JSON with a base64 PNG), ``GET /v1/info``,
+``GET /healthz``, ``GET /`` (the try-on page), ``GET /docs`` and ``/openapi.json``.
+
+Two deployments, so that each scales on its own: ``TryOnIngress`` (checks the key, the body size
+and every field, decodes the images: cheap, no model) and ``TryOnModel`` (base + LoRA + parser
+loaded once per replica, ``@serve.batch`` over requests of one size). Overload: the ingress holds
+at most ``max_queued_requests`` of the model's requests waiting; beyond that Serve raises
+``BackPressureError`` at once and the client gets 503 with ``Retry-After`` instead of a queue
+that grows without bound. Everything that decides a picture is library code
+(:mod:`catvton.infer.serving`), the same as evaluation's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import json
+import logging
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from ray import serve
+from ray.serve.config import BackpressureConfig
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from catvton.infer.request import InputError, decode_image, decode_mask, parse_size, png_bytes
+from catvton.infer.serving import ServeConfig, TryOnService, serve_config_from_dict
+
+log = logging.getLogger("ray.serve")
+PAGE = Path(__file__).with_name("page.html")
+OPEN_PATHS = ("/healthz",)
+"""Routes that never need the key: the load balancer's probe."""
+PAGE_PATHS = ("/", "/favicon.ico")
+"""The page's static HTML holds no data and calls the API with the key typed into it, so it
+stays reachable when a key is set (a browser cannot add a header to a page load)."""
+
+
+class Backend(Protocol):
+    """What the ingress needs from the model side (a DeploymentHandle wrapper in Serve)."""
+
+    async def tryon(self, payload: dict[str, Any]) -> dict[str, Any]: ...
+
+    async def info(self) -> dict[str, Any]: ...
+
+
+class Overloaded(Exception):
+    def __init__(self, retry_after_s: float | None):
+        self.retry_after_s = retry_after_s
+
+
+def error(status: int, field: str | None, message: str, headers: dict | None = None, **extra) -> JSONResponse:
+    return JSONResponse({"error": message, "field": field, **extra}, status_code=status, headers=headers)
+
+
+# --------------------------------------------------------------------------------------------
+# Pure ASGI middlewares: they run before FastAPI reads anything.
+
+
+class BodyLimit:
+    """413 for a body over the limit: at once from Content-Length, or while reading a chunked body
+    (which is then buffered, at most the limit, and replayed)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        too_big = error(413, "body", f"request body over {self.max_bytes:,} bytes: send smaller images")
+        if b"content-length" in headers:
+            try:
+                length = int(headers[b"content-length"])
+            except ValueError:
+                return await error(400, "content-length", "Content-Length is not a number")(scope, receive, send)
+            if length > self.max_bytes:
+                return await too_big(scope, receive, send)
+            return await self.app(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await too_big(scope, receive, send)
+            more = message.get("more_body", False)
+        body, done = b"".join(chunks), False
+
+        async def replay():
+            nonlocal done
+            if done:
+                return await receive()
+            done = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+
+class BearerAuth:
+    """401 unless ``Authorization: Bearer <key>`` matches (constant-time compare)."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS + PAGE_PATHS:
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = given.partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+            resp = error(401, "authorization", "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                         headers={"WWW-Authenticate": "Bearer"})
+            return await resp(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+# --------------------------------------------------------------------------------------------
+# The FastAPI application (no Ray in here: a test can drive it with any Backend).
+
+
+def create_api(settings: ServeConfig, backend: Backend) -> FastAPI:
+    app = FastAPI(
+        title="CatVTON-Flux try-on",
+        version="1.0",
+        description="Dress a person in a garment (upper, lower or full body). "
+                    "Every error is JSON with `error` and the `field` to fix.",
+    )
+    max_bytes = int(settings.max_body_mb * 1024 * 1024)
+    app.add_middleware(BodyLimit, max_bytes=max_bytes)
+    key = settings.resolved_api_key()
+    if key:
+        app.add_middleware(BearerAuth, key=key)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        loc = [str(x) for x in (errors[0].get("loc", ()) if errors else ())]
+        field = loc[1] if len(loc) > 1 and loc[0] in ("body", "query", "header") else (loc[0] if loc else "body")
+        details = [{"field": ".".join(str(x) for x in e.get("loc", ())[1:]) or "body", "error": e.get("msg", "")}
+                   for e in errors]
+        return error(422, field, f"{field}: {errors[0].get('msg', 'invalid')}" if errors else "invalid request",
+                     details=details)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, exc: StarletteHTTPException):
+        return error(exc.status_code, "body" if exc.status_code == 400 else None, str(exc.detail),
+                     headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def on_crash(request: Request, exc: Exception):
+        # never a stack trace to the client; the replica keeps serving
+        log.exception("try-on request failed")
+        return error(500, None, "internal error (logged on the server)")
+
+    @app.get("/healthz", summary="Liveness probe (never needs the key)")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/info", summary="The loaded base, LoRA, its metrics and the request limits")
+    async def info() -> dict:
+        out = await backend.info()
+        out["limits"] = {"max_body_mb": settings.max_body_mb, "max_image_side": settings.max_image_side,
+                         "max_image_pixels": settings.max_image_pixels, "min_image_side": settings.min_image_side,
+                         "max_half_pixels": settings.max_half_pixels, "max_steps": settings.max_steps}
+        out["auth"] = bool(key)
+        return out
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(PAGE.read_text())
+
+    @app.post(
+        "/v1/tryon",
+        summary="Try a garment on a person",
+        response_class=Response,
+        responses={
+            200: {"content": {"image/png": {}, "application/json": {}},
+                  "description": "The person wearing the garment, at the person photo's size"},
+            401: {"description": "Missing or wrong API key"},
+            413: {"description": "Body or image too large (`field` names it)"},
+            422: {"description": "A field is missing or unusable (`field` names it)"},
+            503: {"description": "Overloaded: retry after `Retry-After` seconds"},
+        },
+    )
+    async def tryon(
+        person: UploadFile = File(..., description="Photo of the person (PNG/JPEG/WebP)"),
+        garment: UploadFile = File(..., description="Product photo of the garment"),
+        garment_type: Literal["upper", "lower", "full"] = Form(..., description="Garment group"),
+        mask: UploadFile | None = File(None, description="Worn-garment mask, the person photo's size "
+                                                         "(white = garment); generalised like in training. "
+                                                         "Left out: made by the server's parser, if it has one"),
+        steps: int | None = Form(None, ge=1, le=1000, description="Denoising steps (default from the model config)"),
+        guidance: float | None = Form(None, ge=0.0, le=100.0, description="Guidance"),
+        seed: int | None = Form(None, ge=0, le=2**32 - 1, description="Noise seed"),
+        size: str | None = Form(None, max_length=16, description="Canvas half WIDTHxHEIGHT, multiples of 16"),
+        output: Literal["png", "json"] = Form("png", description="png: image/png; json: base64 PNG + metadata"),
+    ) -> Response:
+        try:
+            payload = await run_in_threadpool(_decode, settings, person, garment, mask, garment_type,
+                                              steps, guidance, seed, size)
+        except InputError as e:
+            return error(e.status, e.field, e.message)
+        try:
+            result = await backend.tryon(payload)
+        except Overloaded as e:
+            retry = str(int(np.ceil(e.retry_after_s if e.retry_after_s is not None else settings.retry_after_s)))
+            return error(503, None, "the model's queue is full: retry later", headers={"Retry-After": retry})
+        if "error" in result:
+            return error(result["status"], result["error"]["field"], result["error"]["error"])
+        image = result["image"]
+        png = await run_in_threadpool(png_bytes, image)
+        meta = {"seed": result["seed"], "steps": result["steps"], "guidance": result["guidance"],
+                "mask_source": result["mask_source"], "garment_type": garment_type}
+        if output == "json":
+            return JSONResponse({"image_png_base64": base64.b64encode(png).decode(), "width": image.shape[1],
+                                 "height": image.shape[0], **meta})
+        return Response(png, media_type="image/png",
+                        headers={f"X-Tryon-{k.replace('_', '-').title()}": str(v) for k, v in meta.items()})
+
+    return app
+
+
+def _decode(settings: ServeConfig, person: UploadFile, garment: UploadFile,
+            mask: UploadFile | None, garment_type: str, steps, guidance, seed, size) -> dict[str, Any]:
+    """Read and check every field (in a thread: decoding large images takes time)."""
+    if steps is not None and steps > settings.max_steps:
+        raise InputError("steps", f"steps={steps}: at most {settings.max_steps}")
+    limits = settings.limits
+    p = decode_image(person.file.read(), "person", limits)
+    g = decode_image(garment.file.read(), "garment", limits)
+    m = decode_mask(mask.file.read(), "mask", limits, p.shape[:2]) if mask is not None else None
+    half_hw = parse_size(size, settings.max_half_pixels)
+    return {"person": p, "garment": g, "mask": m, "group": garment_type, "seed": seed, "steps": steps,
+            "guidance": guidance, "half_hw": half_hw}
+
+
+# --------------------------------------------------------------------------------------------
+# Ray Serve deployments.
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 1},
+    max_ongoing_requests=8,
+    max_queued_requests=16,
+    backpressure_config=BackpressureConfig(retry_after_s=2),
+)
+class TryOnModel:
+    """Base + LoRA (+ parser) loaded once; requests of one size and step count batched together."""
+
+    def __init__(self, settings: dict[str, Any]):
+        self.settings = serve_config_from_dict(settings)
+        self.service = TryOnService.load(self.settings)
+        self.generate_batch.set_max_batch_size(self.settings.max_batch_size)
+        self.generate_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+        self.batches: list[int] = []  # sizes of recent batches, for /v1/info and the benchmark
+
+    async def tryon(self, payload: dict[str, Any]) -> dict[str, Any]:
+        try:
+            job = await asyncio.to_thread(self.service.prepare, payload["person"], payload["garment"],
+                                          payload["mask"], payload["group"], payload["seed"], payload["steps"],
+                                          payload["guidance"], payload["half_hw"])
+        except InputError as e:
+            return {"error": e.to_dict(), "status": e.status}
+        result = await self.generate_batch(job)
+        image = await asyncio.to_thread(self.service.finish, job, result)
+        return {"image": image, "seed": job.seed, "steps": job.steps, "guidance": job.guidance,
+                "mask_source": job.mask_source}
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
+    async def generate_batch(self, jobs: list) -> list[np.ndarray]:
+        self.batches = (self.batches + [len(jobs)])[-1000:]
+        # in a thread: the replica's event loop keeps taking requests (the next batch) meanwhile
+        return await asyncio.to_thread(self.service.generate, jobs)
+
+    def info(self) -> dict[str, Any]:
+        out = self.service.info()
+        out["max_batch_size"] = self.settings.max_batch_size
+        out["recent_batch_sizes"] = {str(k): self.batches.count(k) for k in sorted(set(self.batches))}
+        return out
+
+
+class _HandleBackend:
+    def __init__(self, handle):
+        self.handle = handle
+
+    async def tryon(self, payload: dict[str, Any]) -> dict[str, Any]:
+        from ray.serve.exceptions import BackPressureError
+
+        try:
+            return await self.handle.tryon.remote(payload)
+        except BackPressureError as e:
+            raise Overloaded(e.retry_after_s) from e
+
+    async def info(self) -> dict[str, Any]:
+        return await self.handle.info.remote()
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64, max_queued_requests=128,
+                  backpressure_config=BackpressureConfig(retry_after_s=2))
+@serve.ingress()
+class TryOnIngress:
+    """HTTP in front of :class:`TryOnModel`: key, body size and fields are checked here."""
+
+    def __init__(self, model, settings: dict[str, Any]):
+        self.settings = serve_config_from_dict(settings)
+        self.backend = _HandleBackend(model)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return create_api(self.settings, self.backend)
+
+
+def application(args: dict[str, Any], model_options: dict[str, Any] | None = None,
+                ingress_options: dict[str, Any] | None = None) -> serve.Application:
+    """Ingress + model bound with ``args`` (:class:`catvton.infer.serving.ServeConfig` fields, checked
+    here so that a typo fails the deploy, not the first request); options as ``Deployment.options``."""
+    settings = serve_config_from_dict(args)
+    plain = json.loads(json.dumps(args or {}))
+    model = TryOnModel.options(**{"backpressure_config": BackpressureConfig(retry_after_s=settings.retry_after_s),
+                                  **(model_options or {})})
+    return TryOnIngress.options(**(ingress_options or {})).bind(model.bind(plain), plain)
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """The application of ``serve/config.yaml`` (``import_path: serve.app:build_app``); the file's
+    ``deployments:`` section overrides the options set here."""
+    return application(args)

@@ -1,0 +1,62 @@
+"""Write an example request (person, garment, mask) from the synthetic set, for curl and the page.
+
+    python -m serve.examples --out /tmp/tryon            # a lower-body item: pants, shorts or a skirt
+    curl -s -o /tmp/tryon/result.png -F person=@/tmp/tryon/person.png -F garment=@/tmp/tryon/garment.png \\
+         -F mask=@/tmp/tryon/mask.png -F garment_type=lower http://127.0.0.1:8000/v1/tryon
+
+The person and the garment come from two views of one synthetic item, the garment a cut-out of the
+first view (a product shot), the mask the person view's own garment mask (the server generalises it by the training rule).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from catvton.data.schema import cloth_group, parse_pose
+from catvton.data.synthetic import synthetic_rows
+
+
+def product_shot(photo: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The garment alone on white, cropped to its mask: what a shop's product photo looks like
+    (and what training's garment cut-out makes of a worn garment)."""
+    ys, xs = np.nonzero(mask)
+    cut = np.where(mask[..., None], photo, np.uint8(255))
+    return cut[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+
+
+def write_example(out: Path, group: str = "lower", image_size: int = 256, seed: int = 0) -> dict[str, Path]:
+    """person.png, garment.png, mask.png of the first synthetic item of ``group`` with two person views."""
+    out.mkdir(parents=True, exist_ok=True)
+    by_pid: dict[str, list[dict]] = {}
+    for row in synthetic_rows(40, image_size=image_size, seed=seed):
+        pose = parse_pose(row["pose"])
+        if cloth_group(row["cloth_type"]) != group or pose is None or pose.view in ("flat", "zoom"):
+            continue
+        by_pid.setdefault(row["pid"], []).append(row)
+        views = by_pid[row["pid"]]
+        if len(views) == 2:
+            garment, person = views
+            paths = {"person": out / "person.png", "garment": out / "garment.png", "mask": out / "mask.png"}
+            person["images"].save(paths["person"])
+            Image.fromarray(product_shot(np.asarray(garment["images"].convert("RGB")),
+                                         np.asarray(garment["mask"]) >= 128)).save(paths["garment"])
+            person["mask"].save(paths["mask"])
+            return paths
+    raise RuntimeError(f"no synthetic {group} item with two person views in the first 40 pids")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="/tmp/tryon")
+    ap.add_argument("--group", default="lower", choices=["upper", "lower", "full"])
+    args = ap.parse_args()
+    for name, path in write_example(Path(args.out), args.group).items():
+        print(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""Serving without Ray: request decoding and limits, the canvas and its way back, settings, auth.
+
+The HTTP behaviour against a running Serve instance is in test_serve_api.py; these pin the library
+pieces it is made of, quickly.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from catvton.config import ConfigError, load_config
+from catvton.data.canvas import build_sample, to_uint8
+from catvton.data.masks import general_mask
+from catvton.infer.request import (ImageLimits, InputError, decode_image, decode_mask, parse_size, request_sample,
+                                   to_person_size)
+from catvton.infer.serving import ServeConfig, TryOnService, serve_config_from_dict
+
+LIMITS = ImageLimits(min_side=16, max_side=4096, max_pixels=4_000_000)
+
+
+def png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose IHDR declares ``width`` x ``height`` and that has no pixel data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + chunk(b"IEND", b""))
+
+
+def photo(h=120, w=90, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("data,status,words", [
+    (b"", 422, "empty"),
+    (b"definitely not an image", 422, "not a readable image"),
+    (png(photo())[:200], 422, "truncated"),
+    (png_header_only(0, 0), 422, "readable"),
+    (png(photo(8, 8)), 422, "at least 16"),
+    (png_header_only(5000, 5000), 413, "pixels in all"),
+    (png_header_only(100_000, 100_000), 413, "enormous"),
+])
+def test_decode_image_refuses_bad_uploads_naming_the_field(data, status, words):
+    with pytest.raises(InputError) as e:
+        decode_image(data, "person", LIMITS)
+    assert e.value.field == "person" and e.value.status == status
+    assert words in e.value.message
+
+
+def test_decode_image_composites_transparency_over_white():
+    rgba = np.zeros((20, 20, 4), np.uint8)  # fully transparent
+    out = decode_image(png(rgba), "garment", LIMITS)
+    assert out.shape == (20, 20, 3) and (out == 255).all()
+
+
+def test_decode_mask_checks_size_and_emptiness():
+    m = np.zeros((120, 90), np.uint8)
+    with pytest.raises(InputError, match="empty") as e:
+        decode_mask(png(m), "mask", LIMITS, (120, 90))
+    assert e.value.field == "mask"
+    m[50:100, 20:70] = 255
+    with pytest.raises(InputError, match="person photo's size"):
+        decode_mask(png(m), "mask", LIMITS, (100, 90))
+    got = decode_mask(png(m), "mask", LIMITS, (120, 90))
+    assert got.dtype == bool and got.sum() == 50 * 50
+
+
+@pytest.mark.parametrize("size,expect", [(None, None), ("", None), ("96x128", (128, 96)), ("768x1024", (1024, 768))])
+def test_parse_size(size, expect):
+    assert parse_size(size, 1024 * 1024) == expect
+
+
+@pytest.mark.parametrize("size,status", [("abc", 422), ("100x100", 422), ("16x16", 422), ("2048x2048", 413)])
+def test_parse_size_refuses(size, status):
+    with pytest.raises(InputError) as e:
+        parse_size(size, 1024 * 1024)
+    assert e.value.field == "size" and e.value.status == status
+
+
+def test_request_canvas_is_the_training_canvas_and_comes_back_at_the_person_size():
+    cfg = load_config("configs/tiny.yaml")
+    person, garment = photo(300, 200, 1), photo(80, 60, 2)
+    mask = np.zeros((300, 200), bool)
+    mask[150:280, 60:140] = True
+    half = (cfg.canvas.half_height, cfg.canvas.half_width)
+    s = request_sample(person, garment, mask, "lower", cfg, half)
+    ref = build_sample(garment, np.ones((80, 60), bool), person, mask, "lower", cfg.canvas, cfg.mask)
+    assert np.array_equal(s.canvas, ref.canvas) and np.array_equal(s.mask_canvas, ref.mask_canvas)
+
+    generated = np.full_like(s.canvas, 0.25)  # what a model might paint
+    out = to_person_size(generated, person, mask, "lower", cfg)
+    assert out.shape == person.shape and out.dtype == np.uint8
+    general = general_mask(mask, "lower", cfg.mask)
+    assert np.array_equal(out[~general], person[~general]), "outside the general mask: the upload, untouched"
+    assert np.abs(out[general].astype(int) - 64).max() <= 1, "inside: the generated pixels, scaled back"
+
+
+def test_to_person_size_is_exact_when_the_photo_has_the_half_size():
+    cfg = load_config("configs/tiny.yaml")
+    H, W = cfg.canvas.half_height, cfg.canvas.half_width
+    person = photo(H, W, 3)
+    mask = np.zeros((H, W), bool)
+    mask[60:120, 30:70] = True
+    result = np.random.default_rng(4).random((H, 2 * W, 3), dtype=np.float32)
+    general = general_mask(mask, "lower", cfg.mask)
+    out = to_person_size(result, person, mask, "lower", cfg)
+    assert np.array_equal(out[general], to_uint8(result[:, W:])[general])
+    assert np.array_equal(out[~general], person[~general])
+
+
+def test_serve_config_reports_every_problem_at_once():
+    with pytest.raises(ConfigError) as e:
+        serve_config_from_dict({"max_steps": 0, "device": "tpu", "lora": ["/nope/a", "/nope/b"], "colour": 1})
+    text = str(e.value)
+    assert "colour" in text  # unknown keys stop before the semantic checks
+    with pytest.raises(ConfigError) as e:
+        serve_config_from_dict({"max_steps": 0, "device": "tpu", "lora": ["/nope/a", "/nope/b"]})
+    assert len(e.value.problems) == 3 and "lora" in str(e.value) and "device" in str(e.value)
+    assert serve_config_from_dict({"lora": ""}).lora == []
+
+
+def test_api_key_from_the_environment_wins(monkeypatch):
+    s = ServeConfig(api_key="from-config")
+    assert s.resolved_api_key() == "from-config"
+    monkeypatch.setenv("TRYON_API_KEY", "from-env")
+    assert s.resolved_api_key() == "from-env"
+
+
+def _service_without_model(**settings) -> TryOnService:
+    cfg = load_config("configs/tiny.yaml")
+    return TryOnService(ServeConfig(**settings), cfg, tryon=None, lora=None, masker=None)
+
+
+def test_no_mask_and_no_parser_says_what_to_send():
+    svc = _service_without_model()
+    with pytest.raises(InputError) as e:
+        svc.prepare(photo(), photo(), None, "lower", None, None, None, None)
+    assert e.value.field == "mask" and "send a mask" in e.value.message
+
+
+def test_prepare_checks_group_and_steps():
+    svc = _service_without_model(max_steps=10)
+    mask = np.zeros((120, 90), bool)
+    mask[60:110, 20:70] = True
+    with pytest.raises(InputError) as e:
+        svc.prepare(photo(), photo(), mask, "hat", None, None, None, None)
+    assert e.value.field == "garment_type"
+    with pytest.raises(InputError) as e:
+        svc.prepare(photo(), photo(), mask, "lower", None, 11, None, None)
+    assert e.value.field == "steps"
+    job = svc.prepare(photo(), photo(), mask, "lower", 7, None, None, None)
+    assert (job.seed, job.steps, job.mask_source) == (7, svc.cfg.infer.steps, "request")
+
+
+def test_auth_and_body_limit_without_ray():
+    """The ingress app with a stand-in backend: key checks and body limit happen before any model."""
+    from fastapi.testclient import TestClient
+
+    from serve.app import create_api
+
+    class Backend:
+        async def tryon(self, payload):
+            return {"image": payload["person"], "seed": 0, "steps": 1, "guidance": 1.0, "mask_source": "request"}
+
+        async def info(self):
+            return {"base": "stand-in"}
+
+    client = TestClient(create_api(ServeConfig(api_key="s3cret", max_body_mb=0.5), Backend()))
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/").status_code == 200  # the page's static HTML
+    r = client.get("/v1/info")
+    assert r.status_code == 401 and r.json()["field"] == "authorization" and r.headers["www-authenticate"] == "Bearer"
+    assert client.get("/v1/info", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.get("/v1/info", headers={"Authorization": "Bearer s3cret"}).json()["base"] == "stand-in"
+    big = client.post("/v1/tryon", headers={"Authorization": "Bearer s3cret"},
+                      files={"person": ("p.png", b"x" * 600_000, "image/png")})
+    assert big.status_code == 413 and big.json()["field"] == "body"
+    m = np.zeros((120, 90), np.uint8)
+    m[60:110, 20:70] = 255
+    ok = client.post("/v1/tryon", headers={"Authorization": "Bearer s3cret"},
+                     files={"person": ("p.png", png(photo()), "image/png"), "garment": ("g.png", png(photo()), "image/png"),
+                            "mask": ("m.png", png(m), "image/png")}, data={"garment_type": "lower"})
+    assert ok.status_code == 200 and ok.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(ok.content)).size == (90, 120)
