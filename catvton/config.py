@@ -208,6 +208,35 @@ class RunOptions:
 
 
 @dataclass
+class TuneConfig:
+    name: str = "sweep"
+    """Sweep name: trials and the release folder go under ``<run.output_dir>/<name>``."""
+    search: str = "random"
+    """``random``: ``num_samples`` trials, lr log-uniform in [lr_min, lr_max], rank from ``ranks``;
+    ``grid``: every ``lr_grid`` x ``ranks`` pair (``num_samples`` times)."""
+    lr_min: float = 1e-5
+    """Lower end of the log-uniform learning-rate range (random search)."""
+    lr_max: float = 2e-4
+    """Upper end of the log-uniform learning-rate range (random search)."""
+    lr_grid: list[float] = field(default_factory=lambda: [2e-5, 5e-5, 1e-4])
+    """Learning rates of a grid search, best guess first (ASHA compares later trials with earlier)."""
+    ranks: list[int] = field(default_factory=lambda: [16, 32, 64])
+    """LoRA ranks to try; higher: more capacity and memory."""
+    alpha_ratio: float = 2.0
+    """LoRA alpha = ratio x rank, so the update's scale (alpha / rank) stays the same across ranks."""
+    num_samples: int = 8
+    """Trials of a random search; repeats of the whole grid for a grid search."""
+    metric: str = "val_loss"
+    """Reported metric that ASHA and the winner's choice minimise (fixed-noise validation loss)."""
+    grace_period: int = 200
+    """Steps every trial runs before ASHA may stop it; a multiple of ``train.val_every``."""
+    reduction_factor: int = 2
+    """ASHA keeps the best 1/reduction_factor of the trials at each rung."""
+    max_concurrent_trials: int = 0
+    """Trials at once; 0 derives it from the cluster (GPUs / workers per trial, or spare CPUs)."""
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     canvas: CanvasConfig = field(default_factory=CanvasConfig)
@@ -217,6 +246,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     infer: InferConfig = field(default_factory=InferConfig)
     run: RunOptions = field(default_factory=RunOptions)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -306,6 +336,37 @@ def validate(cfg: Config) -> list[str]:
         p.append("run.wandb_mode=online needs run.wandb_project (and WANDB_API_KEY in the environment)")
     if not cfg.run.name or "/" in cfg.run.name:
         p.append(f"run.name={cfg.run.name!r}: a non-empty name without '/'")
+    p += _validate_tune(cfg)
+    return p
+
+
+def _validate_tune(cfg: Config) -> list[str]:
+    s, p = cfg.tune, []
+    if s.search not in ("random", "grid"):
+        p.append(f"tune.search={s.search!r}: choose random or grid")
+    if not 0.0 < s.lr_min < s.lr_max < 1.0:
+        p.append(f"tune.lr_min={s.lr_min}, tune.lr_max={s.lr_max}: need 0 < lr_min < lr_max < 1")
+    if s.search == "grid" and not s.lr_grid:
+        p.append("tune.lr_grid is empty: a grid search needs at least one learning rate")
+    if any(not 0.0 < lr < 1.0 for lr in s.lr_grid):
+        p.append(f"tune.lr_grid={s.lr_grid}: every learning rate must be in (0, 1)")
+    if not s.ranks or any(r < 1 for r in s.ranks):
+        p.append(f"tune.ranks={s.ranks}: at least one rank, each positive")
+    if s.alpha_ratio <= 0:
+        p.append(f"tune.alpha_ratio={s.alpha_ratio}: must be positive")
+    if s.num_samples < 1:
+        p.append(f"tune.num_samples={s.num_samples}: must be at least 1")
+    if s.metric not in ("val_loss", "val_loss_lower", "val_loss_full", "val_loss_upper"):
+        p.append(f"tune.metric={s.metric!r}: choose val_loss or val_loss_<group>")
+    if s.grace_period < 1 or s.grace_period % cfg.train.val_every:
+        p.append(f"tune.grace_period={s.grace_period}: a positive multiple of train.val_every "
+                 f"({cfg.train.val_every}); ASHA only sees steps with a validation loss")
+    if s.reduction_factor < 2:
+        p.append(f"tune.reduction_factor={s.reduction_factor}: must be at least 2")
+    if s.max_concurrent_trials < 0:
+        p.append(f"tune.max_concurrent_trials={s.max_concurrent_trials}: must not be negative")
+    if not s.name or "/" in s.name:
+        p.append(f"tune.name={s.name!r}: a non-empty name without '/'")
     return p
 
 

@@ -62,9 +62,13 @@ def run_dir(cfg: Config) -> Path:
 
 
 def fit(cfg: Config, cache_dir: Path, log: Callable[[str], None] = print, dump_dir: Path | None = None,
-        log_every: int = 5) -> TrainOutcome:
+        log_every: int = 5, callbacks: list | None = None, materialize: bool | None = None) -> TrainOutcome:
     """Fit the ``TorchTrainer`` for ``cfg`` on the latent cache; re-using ``run.name`` (with the
-    same ``run.storage_path``) resumes that run from its latest checkpoint."""
+    same ``run.storage_path``) resumes that run from its latest checkpoint.
+
+    ``callbacks``: Ray Train callbacks (a sweep passes ``TuneReportCallback``). ``materialize``:
+    read the training split into the object store before training (None: when the workers would
+    leave no CPU free for a streaming read)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -77,8 +81,9 @@ def fit(cfg: Config, cache_dir: Path, log: Callable[[str], None] = print, dump_d
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / STOPPED).unlink(missing_ok=True)  # a reason left by an earlier attempt
     train_ds = open_split(cache_dir, "train")
-    free = ray.cluster_resources().get("CPU", 0) - t.num_workers * t.cpus_per_worker
-    if free < 1:
+    if materialize is None:
+        materialize = ray.cluster_resources().get("CPU", 0) - t.num_workers * t.cpus_per_worker < 1
+    if materialize:
         # Workers holding every CPU would starve a streaming read: read it all first.
         train_ds = train_ds.materialize()
     trainer = TorchTrainer(
@@ -98,6 +103,7 @@ def fit(cfg: Config, cache_dir: Path, log: Callable[[str], None] = print, dump_d
             storage_path=storage_path(cfg),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=FailureConfig(max_failures=t.max_failures),
+            callbacks=callbacks,
         ),
         datasets={"train": train_ds},
     )

@@ -1,0 +1,243 @@
+"""A Ray Tune sweep over learning rate and LoRA rank, and the release folder of its winner.
+
+Ray Train V2's pattern: every trial is a small function that builds and fits its own
+``TorchTrainer`` (:func:`catvton.train.job.fit`) with ``TuneReportCallback``, so the workers'
+intermediate metrics reach ASHA, which stops trials whose validation loss lags at a rung.
+The latent cache is built once by the driver, before any trial starts.
+
+Layout under ``<run.output_dir>/<tune.name>/``::
+
+    trials/<trial>/      each trial's run folder (loss curve, sample grids, TensorBoard, lora/)
+    release/             the winner: pytorch_lora_weights.safetensors, training_config.json,
+                         metrics.json, trials.csv, trials.json, sweep.png (see docs/release.md)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from catvton.config import Config, config_from_dict
+
+TRIAL_DRIVER_CPU = 0.5
+"""CPU reserved by each trial's own function (it only waits on its TorchTrainer)."""
+
+RELEASE_FILES = ("pytorch_lora_weights.safetensors", "training_config.json", "metrics.json",
+                 "trials.csv", "trials.json", "sweep.png")
+
+
+@dataclass
+class SweepOutcome:
+    sweep_dir: Path
+    release_dir: Path
+    trials: list[dict[str, Any]]
+    """One row per trial: name, lr, rank, alpha, steps, val loss, status, run folder."""
+    winner: dict[str, Any]
+
+
+def max_concurrent_trials(cfg: Config, resources: dict[str, float]) -> int:
+    """Trials that fit at once: GPUs over GPUs per trial on a GPU cluster; on CPUs, the CPUs left
+    after one for Ray Data and the Tune driver, over each trial's workers plus its function."""
+    if cfg.tune.max_concurrent_trials:
+        return cfg.tune.max_concurrent_trials
+    t = cfg.train
+    if t.use_gpu:
+        return max(1, int(resources.get("GPU", 0) // t.num_workers))
+    per_trial = t.num_workers * t.cpus_per_worker + TRIAL_DRIVER_CPU
+    return max(1, int((resources.get("CPU", 0) - 1) // per_trial))
+
+
+def param_space(cfg: Config) -> dict[str, Any]:
+    """lr and rank as Tune search spaces (alpha follows the rank in :func:`trial_config`)."""
+    from ray import tune
+
+    s = cfg.tune
+    if s.search == "grid":
+        return {"lr": tune.grid_search(list(s.lr_grid)), "rank": tune.grid_search(list(s.ranks))}
+    return {"lr": tune.loguniform(s.lr_min, s.lr_max), "rank": tune.choice(list(s.ranks))}
+
+
+def trial_config(base: Config, lr: float, rank: int, run_name: str, sweep_dir: Path) -> Config:
+    """The trial's full config: the sweep's with this lr, rank and alpha, its own run folder."""
+    cfg = config_from_dict(base.to_dict())
+    cfg.train.lr = float(lr)
+    cfg.lora.rank = int(rank)
+    cfg.lora.alpha = float(cfg.tune.alpha_ratio * rank)
+    cfg.run.name = run_name
+    cfg.run.output_dir = str(sweep_dir / "trials")
+    cfg.run.storage_path = str(sweep_dir / "ray")
+    return cfg
+
+
+def run_trial(params: dict[str, Any]) -> None:
+    """The Tune trainable: fit one trial, then report where its LoRA is."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from catvton.train.job import fit
+
+    base = config_from_dict(params["cfg"])
+    name = tune.get_context().get_trial_name()
+    cfg = trial_config(base, params["lr"], params["rank"], name, Path(params["sweep_dir"]))
+    outcome = fit(cfg, Path(params["cache_dir"]), callbacks=[TuneReportCallback()],
+                  materialize=params["materialize"])
+    final = {k: v for k, v in outcome.metrics.items() if isinstance(v, (int, float))}
+    tune.report({**final, "weights_dir": str(outcome.weights_dir), "run_dir": str(outcome.run_dir)})
+
+
+def run_sweep(cfg: Config, num_encoders: int = 1, log: Callable[[str], None] = print) -> SweepOutcome:
+    """Resolve the models, build (or reuse) the latent cache, run the trials, export the winner."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from catvton.data.encode import build_latent_cache
+    from catvton.train.job import resolve_models
+
+    if cfg.train.max_steps < 1:
+        raise ValueError("a sweep needs train.max_steps > 0: ASHA's rungs are counted in steps")
+    cfg = resolve_models(cfg, log=log)
+    cache = build_latent_cache(cfg, num_encoders=num_encoders, use_gpu=cfg.train.use_gpu, log=log)
+    sweep_dir = Path(cfg.run.output_dir).expanduser().resolve() / cfg.tune.name
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    resources = ray.cluster_resources()
+    concurrent = max_concurrent_trials(cfg, resources)
+    t = cfg.train
+    # workers + trial functions that leave no CPU free would starve a streaming read
+    busy = concurrent * (t.num_workers * t.cpus_per_worker + TRIAL_DRIVER_CPU)
+    materialize = resources.get("CPU", 0) - busy < 1
+    log(f"[catvton] sweep {cfg.tune.name}: {cfg.tune.search} search, up to {concurrent} trial(s) at once, "
+        f"ASHA on {cfg.tune.metric} from step {cfg.tune.grace_period} of {t.max_steps}")
+    # Reports between validations carry no val loss; ASHA skips them, Tune's strict check must too.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    trainable = tune.with_resources(run_trial, {"CPU": TRIAL_DRIVER_CPU})
+    tuner = tune.Tuner(
+        trainable,
+        param_space={**param_space(cfg), "cfg": cfg.to_dict(), "cache_dir": str(cache),
+                     "sweep_dir": str(sweep_dir), "materialize": materialize},
+        tune_config=tune.TuneConfig(
+            metric=cfg.tune.metric, mode="min", num_samples=cfg.tune.num_samples,
+            max_concurrent_trials=concurrent,
+            scheduler=ASHAScheduler(time_attr="step", max_t=t.max_steps, grace_period=cfg.tune.grace_period,
+                                    reduction_factor=cfg.tune.reduction_factor),
+        ),
+        run_config=tune.RunConfig(name=cfg.tune.name, storage_path=str(sweep_dir / "tune")),
+    )
+    grid = tuner.fit()
+    rows = [trial_row(r.metrics or {}, r.config or {}, r.path, r.metrics_dataframe, r.error, cfg)
+            for r in grid]
+    release = export_release(rows, sweep_dir / "release", cfg)
+    winner = json.loads((release / "metrics.json").read_text())
+    return SweepOutcome(sweep_dir, release, rows, winner)
+
+
+def trial_row(metrics: dict, config: dict, path: str, frame, error, cfg: Config) -> dict[str, Any]:
+    """One line of the sweep table. ``status``: completed (ran every step), stopped early (by
+    ASHA) or error."""
+    metric = cfg.tune.metric
+    steps = int(metrics.get("step", 0) or 0)
+    curve: list[tuple[int, float]] = []
+    if frame is not None and metric in getattr(frame, "columns", []):
+        sub = frame[["step", metric]].dropna()
+        # the trial's closing report repeats the last validation: one point per step
+        curve = sorted({int(s): float(v) for s, v in zip(sub["step"], sub[metric])}.items())
+    last_val = curve[-1][1] if curve else float("nan")
+    status = "error" if error is not None else ("completed" if steps >= cfg.train.max_steps else "stopped early")
+    return {
+        "trial": Path(path).name if path else "",
+        "lr": float(config.get("lr", float("nan"))),
+        "rank": int(config.get("rank", 0)),
+        "alpha": float(cfg.tune.alpha_ratio * int(config.get("rank", 0))),
+        "steps": steps,
+        metric: last_val,
+        "best_" + metric: min((v for _, v in curve), default=float("nan")),
+        "status": status,
+        "error": str(error).splitlines()[0][:200] if error is not None else "",
+        "weights_dir": metrics.get("weights_dir", ""),
+        "run_dir": metrics.get("run_dir", ""),
+        "curve": curve,
+    }
+
+
+def pick_winner(rows: list[dict[str, Any]], metric: str) -> dict[str, Any]:
+    """The completed trial with the lowest final ``metric``."""
+    done = [r for r in rows if r["status"] == "completed" and r["weights_dir"] and math.isfinite(r[metric])]
+    if not done:
+        summary = "; ".join(f"{r['trial']}: {r['status']} {r['error']}".strip() for r in rows)
+        raise RuntimeError(f"no trial of the sweep completed, nothing to release ({summary})")
+    return min(done, key=lambda r: r[metric])
+
+
+def export_release(rows: list[dict[str, Any]], release: Path, cfg: Config) -> Path:
+    """Write the release folder (atomically: a temp folder renamed at the end)."""
+    metric = cfg.tune.metric
+    winner = pick_winner(rows, metric)
+    tmp = release.with_name(f".{release.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    weights = Path(winner["weights_dir"])
+    for name in ("pytorch_lora_weights.safetensors", "training_config.json"):
+        shutil.copy2(weights / name, tmp / name)
+    table = [{k: v for k, v in r.items() if k != "curve"} for r in rows]
+    columns = list(table[0])
+    with open(tmp / "trials.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(table)
+    (tmp / "trials.json").write_text(json.dumps(rows, indent=2) + "\n")
+    winner_metrics = {k: v for k, v in winner.items() if k not in ("curve", "weights_dir", "run_dir", "error")}
+    winner_metrics.update(metric=metric, sweep=cfg.tune.name, trials=len(rows),
+                          completed=sum(r["status"] == "completed" for r in rows),
+                          stopped_early=sum(r["status"] == "stopped early" for r in rows))
+    (tmp / "metrics.json").write_text(json.dumps(winner_metrics, indent=2) + "\n")
+    plot_sweep(rows, metric, tmp / "sweep.png", title=f"sweep {cfg.tune.name}")
+    if release.exists():
+        shutil.rmtree(release)
+    tmp.rename(release)
+    return release
+
+
+def plot_sweep(rows: list[dict[str, Any]], metric: str, path: Path, title: str) -> None:
+    """Left: final val loss against lr, one marker per rank (hollow: stopped early). Right: every
+    trial's val-loss curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
+    ranks = sorted({r["rank"] for r in rows})
+    colours = {rk: plt.cm.viridis(i / max(1, len(ranks) - 1)) for i, rk in enumerate(ranks)}
+    for r in rows:
+        if not math.isfinite(r[metric]):
+            continue
+        done = r["status"] == "completed"
+        ax.scatter([r["lr"]], [r[metric]], s=60, edgecolors=colours[r["rank"]],
+                   facecolors=colours[r["rank"]] if done else "none", linewidths=1.8)
+        if r["curve"]:
+            s, v = zip(*r["curve"])
+            bx.plot(s, v, marker="o", ms=3, color=colours[r["rank"]], ls="-" if done else "--",
+                    label=f"lr {r['lr']:.1e} r{r['rank']}" + ("" if done else " (stopped)"))
+    for rk in ranks:
+        ax.scatter([], [], color=colours[rk], label=f"rank {rk}")
+    ax.scatter([], [], facecolors="none", edgecolors="grey", label="stopped early")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel(f"final {metric}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    bx.set_xlabel("step")
+    bx.set_ylabel(metric)
+    bx.legend(fontsize=7)
+    bx.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,60 @@
+"""Sweep learning rate and LoRA rank with Ray Tune (ASHA on the validation loss) and export the
+winner to a release folder (LoRA, config, metrics, the table of all trials, a plot).
+
+Offline default (2 CPUs: 2 learning rates x 2 ranks on the tiny base, one trial at a time):
+
+    python ray_jobs/tune.py
+
+On a GPU cluster (each trial: train.num_workers L40S workers; trials at once = GPUs / workers):
+
+    ray job submit --working-dir . --runtime-env runtime_env.yaml -- \\
+        python ray_jobs/tune.py --config configs/l40s.yaml
+
+Watch it: every trial writes TensorBoard under <output_dir>/<tune.name>/trials/ (and W&B when
+run.wandb_project is set):   tensorboard --logdir outputs/tiny-sweep/trials
+Overrides: --set tune.num_samples=16 --set tune.ranks=[16,64] --set train.max_steps=2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"), help="YAML preset (default: configs/tiny.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
+    p.add_argument("--encoders", type=int, default=1, help="Ray Data VAE encoder actors for the latent cache")
+    args = p.parse_args(argv)
+
+    from catvton.config import ConfigError, load_config
+    from catvton.ray_utils import init_ray
+    from catvton.train.sweep import run_sweep
+
+    try:
+        cfg = load_config(args.config, args.set)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    init_ray()
+    out = run_sweep(cfg, num_encoders=args.encoders)
+    metric = cfg.tune.metric
+    print("\n== sweep finished ==")
+    print(f"{'trial':44s} {'lr':>9s} {'rank':>4s} {'steps':>5s} {metric:>10s}  status")
+    for r in out.trials:
+        print(f"{r['trial'][:44]:44s} {r['lr']:9.2e} {r['rank']:4d} {r['steps']:5d} {r[metric]:10.4f}  {r['status']}")
+    w = out.winner
+    print(f"\nwinner: lr {w['lr']:.2e}, rank {w['rank']}, {metric} {w[metric]:.4f}")
+    print(f"release folder: {out.release_dir}")
+    print(f"sweep plot:     {out.release_dir / 'sweep.png'}")
+    print(f"tensorboard:    tensorboard --logdir {out.sweep_dir / 'trials'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
