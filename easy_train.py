@@ -160,23 +160,47 @@ def test(
 @app.command()
 def full(
     epochs: Annotated[int, typer.Option(help="Passes over the training pairs.")] = 10,
-    push_to_hub: Annotated[bool, typer.Option("--push-to-hub", help="Upload the LoRA to the Hugging Face Hub (not yet available).")] = False,
+    push_to_hub: Annotated[bool, typer.Option("--push-to-hub", help="After training, evaluate on the test split and upload the LoRA with a model card to the Hugging Face Hub (token from HF_TOKEN).")] = False,
     hub_model_id: Annotated[Optional[str], typer.Option(help="Hub repo for --push-to-hub, e.g. you/catvton-flux-bottoms-lora.")] = None,
+    hub_dry_run: Annotated[bool, typer.Option("--hub-dry-run", help="With --push-to-hub: write the upload folder (<run>/hub-upload) but upload nothing.")] = False,
+    eval_pairs: Annotated[int, typer.Option(help="Test pairs per garment group scored for the model card (0: all).")] = 64,
     config: ConfigOpt = DEFAULT_CONFIG,
     set_: SetOpt = None,
 ) -> None:
-    """The full training run through the same Ray job (re-running resumes)."""
+    """The full training run through the same Ray job (re-running resumes), optionally published."""
+    from catvton.publish import PublishError, build_upload_folder, check_repo_id, hub_token, push
     from catvton.ray_utils import init_ray
     from catvton.train.job import run_job, summary_lines
 
-    if push_to_hub or hub_model_id:
-        typer.echo("error: --push-to-hub is not available yet (it arrives with the evaluation and publishing "
-                   "work). Train without it; the LoRA is written to outputs/<run.name>/lora.", err=True)
+    if hub_model_id and not push_to_hub:
+        typer.echo("error: --hub-model-id is only used with --push-to-hub; add --push-to-hub (or drop the id)", err=True)
         raise typer.Exit(2)
+    if push_to_hub:
+        try:  # fail before hours of training, not after
+            check_repo_id(hub_model_id)
+            if not hub_dry_run:
+                hub_token()
+        except PublishError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
     cfg = _load(config, list(set_ or []) + [f"train.epochs={epochs}", "train.max_steps=0"])
     init_ray()
     outcome = run_job(cfg)
     typer.echo("\n".join(summary_lines(outcome)))
+    if not push_to_hub:
+        return
+    from catvton.eval.evaluate import evaluate
+    from catvton.eval.tryon_eval import held_out_samples
+
+    samples = held_out_samples(outcome.config, "test", max_per_group=eval_pairs or None)
+    report = evaluate(outcome.config, outcome.weights_dir, samples, outcome.weights_dir / "eval",
+                      source=f"{outcome.config.data.source} test split")
+    typer.echo(f"evaluation: {outcome.weights_dir / 'eval' / 'report.md'} ({', '.join(report['groups'])})")
+    folder = build_upload_folder(outcome.weights_dir, outcome.run_dir / "hub-upload", hub_model_id)
+    if hub_dry_run:
+        typer.echo(f"dry run: the upload folder is {folder}; nothing uploaded")
+        return
+    typer.echo(f"published: {push(folder, hub_model_id)}")
 
 
 @app.command("config")

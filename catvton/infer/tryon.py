@@ -12,6 +12,7 @@ over the garment half).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -75,11 +76,20 @@ class TryOn:
         return cls(pipe, prompt.to(device, dtype), pooled.to(device, dtype), cfg)
 
     @torch.no_grad()
-    def fill_canvases(self, canvases: np.ndarray, masks: np.ndarray, seed: int | None = None,
+    def fill_canvases(self, canvases: np.ndarray, masks: np.ndarray, seed: int | Sequence[int] | None = None,
                       steps: int | None = None, guidance: float | None = None) -> np.ndarray:
-        """Generate and paste back: returns ``(N, H, 2W, 3)`` float32 in [0, 1]."""
+        """Generate and paste back: returns ``(N, H, 2W, 3)`` float32 in [0, 1].
+
+        ``seed``: one seed for the batch's noise, or one per canvas (then each result depends only
+        on its own canvas and seed, not on how canvases were batched)."""
         n, h, w2, _ = canvases.shape
         seed = self.cfg.infer.seed if seed is None else seed
+        if isinstance(seed, (int, np.integer)):
+            generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        else:
+            if len(seed) != n:
+                raise ValueError(f"{len(seed)} seeds for {n} canvases: give one seed, or one per canvas")
+            generator = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seed]
         device = self.prompt_embeds.device
         image = torch.from_numpy(np.ascontiguousarray(canvases.transpose(0, 3, 1, 2))).float()
         mask = torch.from_numpy(np.ascontiguousarray(masks[:, None])).float()
@@ -89,7 +99,7 @@ class TryOn:
             pooled_prompt_embeds=self.pooled.expand(n, -1),
             num_inference_steps=steps or self.cfg.infer.steps,
             guidance_scale=self.cfg.infer.guidance if guidance is None else guidance,
-            generator=torch.Generator(device="cpu").manual_seed(seed),
+            generator=generator,
             max_sequence_length=self.cfg.model.max_sequence_length,
             output_type="np",
         ).images  # (N, H, 2W, 3) float in [0, 1]

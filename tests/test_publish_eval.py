@@ -1,0 +1,286 @@
+"""Evaluation metrics (FID/KID with an injected extractor), the VITON-HD reader, the sweep's
+winner and release folder, and hub publishing (dry run, no token leaks). No Ray here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from catvton.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SECRET = "hf_TESTsecretTOKEN0123456789"
+
+
+class TinyFeatures(torch.nn.Module):
+    """A small fixed feature extractor standing in for Inception: colour statistics on a 4x4 grid."""
+
+    num_features = 24
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.proj = torch.nn.Parameter(torch.randn(48, 24, generator=g) / 48, requires_grad=False)  # small features, as Inception-scale KID expects
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.adaptive_avg_pool2d(x.float(), 4).flatten(1)  # (N, 48)
+        return x @ self.proj
+
+
+def test_fid_kid_through_an_injected_extractor():
+    from catvton.eval.metrics import fid_kid
+
+    rng = np.random.default_rng(0)
+    real = rng.random((40, 32, 24, 3)).astype(np.float32)
+    same = fid_kid(real, real.copy(), TinyFeatures())
+    twin = fid_kid(real, rng.random((40, 32, 24, 3)).astype(np.float32), TinyFeatures())  # same distribution
+    other = fid_kid(real, np.clip(real * 0.3 + 0.6, 0, 1), TinyFeatures())  # washed out: clearly different
+    assert abs(same["fid"]) < 1e-6 and abs(same["kid"]) < 1e-4, same
+    assert other["fid"] > 0.01 and other["kid"] > 1e-3, other
+    assert other["fid"] > 20 * twin["fid"] and other["kid"] > 20 * twin["kid"], (other, twin)
+
+
+def test_metrics_without_weights_are_reported_absent_not_faked():
+    from catvton.eval.evaluate import score_group
+
+    rng = np.random.default_rng(1)
+    canvas = rng.random((3, 32, 48, 3)).astype(np.float32)
+    mask = np.zeros((3, 32, 48), np.float32)
+    mask[:, 8:28, 30:44] = 1
+    absent: dict[str, str] = {}
+    scores = score_group(canvas, canvas, mask, None, absent)  # perfect results, no extractor
+    assert scores["masked_psnr"] > 90 and scores["masked_ssim"] == pytest.approx(1.0)
+    assert scores["psnr"] > 90 and scores["ssim"] == pytest.approx(1.0)
+    # no torch-fidelity / torchvision weights here: absent with a reason, and no number under that name
+    for name in ("fid", "kid", "lpips"):
+        if name in absent:
+            assert name not in scores and len(absent[name]) > 20
+    with_extractor = score_group(canvas, canvas, mask, TinyFeatures(), {})
+    assert abs(with_extractor["fid"]) < 1e-6 and "kid" in with_extractor
+
+
+def write_viton(root: Path, names: list[str], size=(96, 128)) -> None:
+    """A tiny folder in the VITON-HD layout: coloured tops on a grey person."""
+    w, h = size
+    for sub in ("image", "cloth", "agnostic-mask", "cloth-mask"):
+        (root / "test" / sub).mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        colour = (40 + 60 * i, 120, 200 - 50 * i)
+        person = np.full((h, w, 3), 180, np.uint8)
+        person[30:80, 20:76] = colour
+        Image.fromarray(person).save(root / "test" / "image" / f"{name}.jpg")
+        cloth = np.full((h, w, 3), 255, np.uint8)
+        cloth[20:100, 15:80] = colour
+        Image.fromarray(cloth).save(root / "test" / "cloth" / f"{name}.jpg")
+        cmask = np.zeros((h, w), np.uint8)
+        cmask[20:100, 15:80] = 255
+        Image.fromarray(cmask).save(root / "test" / "cloth-mask" / f"{name}.jpg")
+        agn = np.zeros((h, w), np.uint8)
+        agn[25:85, 15:81] = 255
+        Image.fromarray(agn).save(root / "test" / "agnostic-mask" / f"{name}_mask.png")
+    lines = [f"{n}.jpg {names[(k + 1) % len(names)]}.jpg" for k, n in enumerate(names)]
+    (root / "test_pairs.txt").write_text("\n".join(lines + ["ghost_00.jpg ghost_00.jpg"]) + "\n")
+
+
+def test_viton_folder_reads_into_paired_upper_canvases(tmp_path):
+    from catvton.eval.viton import VitonError, viton_samples
+
+    cfg = load_config(ROOT / "configs/tiny.yaml")
+    write_viton(tmp_path, ["000001_00", "000002_00", "000003_00"])
+    s = viton_samples(tmp_path, cfg)["upper"]
+    h, w = cfg.canvas.half_height, cfg.canvas.half_width
+    assert s["canvas"].shape == (3, h, 2 * w, 3) and s["mask"].shape == (3, h, 2 * w)
+    assert s["pid"] == ["000001_00", "000002_00", "000003_00"]
+    assert s["skipped"] == {"ghost_00": "missing test/image/ghost_00.jpg, test/cloth/ghost_00.jpg, "
+                                        "test/agnostic-mask/ghost_00_mask.png"}
+    assert s["mask"][:, :, :w].max() == 0 and 0.1 < s["mask"][:, :, w:].mean() < 0.6
+    # paired: the garment half shows the person's own colour (not the next line's cloth)
+    for k in range(3):
+        garment_px = s["canvas"][k, :, :w][s["canvas"][k, :, :w].sum(-1) < 2.9]
+        person_px = s["canvas"][k, 50:60, w + 40:w + 56].reshape(-1, 3)
+        assert np.abs(garment_px.mean(0) - person_px.mean(0)).max() < 0.08
+    with pytest.raises(VitonError, match="test_pairs.txt"):
+        viton_samples(tmp_path / "test", cfg)
+
+
+def _row(trial, lr, rank, steps, val, status, weights=""):
+    return {"trial": trial, "lr": lr, "rank": rank, "alpha": 2.0 * rank, "steps": steps, "val_loss": val,
+            "best_val_loss": val, "status": status, "error": "", "weights_dir": weights, "run_dir": "",
+            "curve": [(50, val + 0.1), (steps, val)]}
+
+
+def test_max_concurrent_trials_follows_the_cluster():
+    from catvton.train.sweep import max_concurrent_trials
+
+    cfg = load_config(ROOT / "configs/tiny.yaml")  # 1 CPU worker per trial
+    assert max_concurrent_trials(cfg, {"CPU": 2}) == 1  # one CPU stays free for Ray Data and Tune
+    assert max_concurrent_trials(cfg, {"CPU": 16}) == 10
+    gpu = load_config(ROOT / "configs/l40s.yaml")  # 4 L40S workers per trial
+    assert max_concurrent_trials(gpu, {"CPU": 64, "GPU": 8}) == 2
+    assert max_concurrent_trials(gpu, {"CPU": 64, "GPU": 2}) == 1
+    gpu.tune.max_concurrent_trials = 3
+    assert max_concurrent_trials(gpu, {"GPU": 8}) == 3
+
+
+def test_trial_config_ties_alpha_to_rank(tmp_path):
+    from catvton.train.sweep import trial_config
+
+    cfg = load_config(ROOT / "configs/tiny.yaml")
+    t = trial_config(cfg, 1e-3, 8, "trial-a", tmp_path)
+    assert (t.train.lr, t.lora.rank, t.lora.alpha) == (1e-3, 8, 16.0)
+    assert t.run.name == "trial-a" and Path(t.run.output_dir) == tmp_path / "trials"
+    assert cfg.lora.rank == 32, "the sweep's own config is not modified"
+
+
+def test_release_exports_the_completed_trial_with_the_lowest_val_loss(tmp_path):
+    from catvton.train.sweep import RELEASE_FILES, export_release, pick_winner
+
+    cfg = load_config(ROOT / "configs/tiny.yaml")
+    weights = {}
+    for name in ("a", "b"):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "pytorch_lora_weights.safetensors").write_bytes(name.encode())
+        (d / "training_config.json").write_text("{}")
+        weights[name] = str(d)
+    rows = [_row("a", 4e-3, 32, 100, 0.50, "completed", weights["a"]),
+            _row("b", 4e-3, 8, 100, 0.42, "completed", weights["b"]),
+            _row("c", 2e-4, 32, 50, 0.30, "stopped early"),  # lower, but it did not finish
+            _row("d", 2e-4, 8, 10, float("nan"), "error")]
+    assert pick_winner(rows, "val_loss")["trial"] == "b"
+    release = export_release(rows, tmp_path / "release", cfg)
+    assert sorted(p.name for p in release.iterdir()) == sorted(RELEASE_FILES)
+    assert (release / "pytorch_lora_weights.safetensors").read_bytes() == b"b"
+    metrics = json.loads((release / "metrics.json").read_text())
+    assert metrics["trial"] == "b" and metrics["val_loss"] == 0.42
+    assert (metrics["trials"], metrics["completed"], metrics["stopped_early"]) == (4, 2, 1)
+    table = (release / "trials.csv").read_text().splitlines()
+    assert table[0].startswith("trial,lr,rank,alpha,steps,val_loss") and len(table) == 5
+    assert Image.open(release / "sweep.png").size[0] > 500
+    with pytest.raises(RuntimeError, match="no trial of the sweep completed"):
+        pick_winner([r for r in rows if r["status"] != "completed"], "val_loss")
+
+
+@pytest.fixture(scope="module")
+def lora_folder(tmp_path_factory):
+    """A LoRA on the tiny base (random, non-zero B) with sweep metrics and an evaluation report."""
+    from catvton.model.loading import resolve_base
+    from catvton.train import step as S
+
+    tmp = tmp_path_factory.mktemp("lora")
+    cfg = load_config(ROOT / "configs/tiny.yaml", ["model.transformer_override=null", "lora.rank=4", "lora.alpha=8.0"])
+    cfg.model.base = resolve_base("tiny")
+    torch.manual_seed(0)
+    model = S.build_transformer(cfg, torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    folder = tmp / "release"
+    S.save_weights(model, folder, cfg)
+    (folder / "training_config.json").write_text(json.dumps(cfg.to_dict()))
+    (folder / "metrics.json").write_text(json.dumps({"trial": "t1", "lr": 4e-3, "rank": 4, "val_loss": 0.4321,
+                                                     "metric": "val_loss", "sweep": "s", "trials": 4,
+                                                     "completed": 2, "stopped_early": 2}))
+    (folder / "eval").mkdir()
+    report = {"groups": {"lower": {"pairs": 12, "pids": 6, "metrics": ["masked_psnr"],
+                                   "base": {"masked_psnr": 12.5}, "lora": {"masked_psnr": 15.25}}},
+              "absent": {"lpips": "needs torchvision"}}
+    (folder / "eval" / "report.json").write_text(json.dumps(report))
+    (folder / "eval" / "report.md").write_text("# report\n")
+    (folder / "eval" / "grid_lower.png").write_bytes(b"png")
+    (folder / "eval" / "scratch.npy").write_bytes(b"not for upload")
+    return folder, cfg
+
+
+def test_dry_run_writes_the_upload_folder_and_leaks_no_token(lora_folder, tmp_path):
+    folder, cfg = lora_folder
+    out = tmp_path / "upload"
+    env = {**__import__("os").environ, "HF_TOKEN": SECRET}
+    proc = subprocess.run([sys.executable, str(ROOT / "ray_jobs/publish.py"), "--lora", str(folder),
+                           "--hub-model-id", "someone/catvton-bottoms", "--dry-run", "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert SECRET not in proc.stdout + proc.stderr
+    names = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert names == ["README.md", "eval/grid_lower.png", "eval/report.json", "eval/report.md", "metrics.json",
+                     "pytorch_lora_weights.safetensors", "training_config.json"]
+    for p in out.rglob("*"):
+        if p.is_file():
+            assert SECRET.encode() not in p.read_bytes(), p
+    card = (out / "README.md").read_text()
+    assert "base_model:" in card and 'pipe.load_lora_weights("someone/catvton-bottoms")' in card
+    assert "| lower (12 pairs) | masked_psnr | 12.5000 | 15.2500 | +2.7500 |" in card
+    assert "| val_loss | 0.4321 |" in card and "LoRA rank / alpha | 4 / 8" in card
+    assert "`lpips` not computed" in card
+
+    from diffusers import FluxFillPipeline
+
+    pipe = FluxFillPipeline.from_pretrained(cfg.model.base)
+    g = torch.Generator().manual_seed(1)
+    kwargs = dict(hidden_states=torch.randn(1, 24, 384, generator=g), timestep=torch.tensor([0.5]),
+                  guidance=torch.ones(1), pooled_projections=torch.randn(1, 32, generator=g),
+                  encoder_hidden_states=torch.randn(1, 8, 32, generator=g), txt_ids=torch.zeros(8, 3),
+                  img_ids=torch.rand(24, 3), return_dict=False)
+    with torch.no_grad():
+        before = pipe.transformer.eval()(**kwargs)[0]
+        pipe.load_lora_weights(str(out))
+        after = pipe.transformer.eval()(**kwargs)[0]
+    assert pipe.get_list_adapters()["transformer"], "the uploaded LoRA loads with load_lora_weights"
+    assert (after - before).abs().max() > 1e-3, "and it changes the transformer's output"
+
+
+def test_push_uses_the_environment_token_and_never_logs_it(lora_folder, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    from catvton.publish import PublishError, build_upload_folder, push
+
+    folder = build_upload_folder(lora_folder[0], tmp_path / "up", "someone/catvton-bottoms")
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls.append(("token", token))
+
+        def create_repo(self, repo_id, **kw):
+            calls.append(("create", repo_id))
+
+        def upload_folder(self, folder_path, repo_id, **kw):
+            calls.append(("upload", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    with pytest.raises(PublishError, match="HF_TOKEN"):
+        push(folder, "someone/catvton-bottoms")
+    with pytest.raises(PublishError, match="<user or org>/<name>"):
+        push(folder, "no-slash")
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    url = push(folder, "someone/catvton-bottoms")
+    assert url == "https://huggingface.co/someone/catvton-bottoms"
+    assert calls[0] == ("token", SECRET) and calls[1] == ("create", "someone/catvton-bottoms")
+    assert calls[2][0] == "upload" and "pytorch_lora_weights.safetensors" in calls[2][2]
+    captured = capsys.readouterr()
+    assert SECRET not in captured.out + captured.err
+
+
+def test_full_refuses_a_push_it_could_not_do_before_training(tmp_path):
+    env = {**__import__("os").environ}
+    env.pop("HF_TOKEN", None)
+    env.pop("HUGGING_FACE_HUB_TOKEN", None)
+    cmd = [sys.executable, str(ROOT / "easy_train.py"), "full", "--epochs", "1"]
+    no_token = subprocess.run(cmd + ["--push-to-hub", "--hub-model-id", "a/b"], capture_output=True, text=True,
+                              env=env, timeout=120)
+    assert no_token.returncode == 2 and "HF_TOKEN" in no_token.stderr
+    bad_id = subprocess.run(cmd + ["--push-to-hub", "--hub-model-id", "nope"], capture_output=True, text=True,
+                            env=env, timeout=120)
+    assert bad_id.returncode == 2 and "<user or org>/<name>" in bad_id.stderr
+    id_only = subprocess.run(cmd + ["--hub-model-id", "a/b"], capture_output=True, text=True, env=env, timeout=120)
+    assert id_only.returncode == 2 and "--push-to-hub" in id_only.stderr
