@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 
-.PHONY: install demo test test-all clean-cache
+.PHONY: install demo test test-all clean-cache chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,10 +24,14 @@ demo: install
 	$(BIN)/python easy_train.py setup --out outputs/setup
 	$(BIN)/python ray_jobs/train.py
 
-test: install
+# The serving tests drive the try-on page in Debian's chromium (Playwright never downloads a browser).
+chromium:
+	@command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)
+
+test: install chromium
 	$(BIN)/python -m pytest
 
-test-all: install
+test-all: install chromium
 	$(BIN)/python -m pytest -m "" 
 
 clean-cache:

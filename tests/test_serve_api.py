@@ -1,0 +1,430 @@
+"""The try-on API on a real Ray Serve instance (127.0.0.1, a free port): every route, every kind of
+bad input, auth, a bounded load test, a flood past the queue, a schemathesis fuzz run, the page in
+headless Chromium, and the output against the evaluation pipeline's.
+
+One Serve application for the module: the tiny base + a LoRA made here (random non-zero B, so its
+output differs from the base), a tiny random SegFormer parser biased to "Pants" (so an auto mask
+is the whole photo), an API key, small queues (so a flood overflows them).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+import socket
+import struct
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from catvton.config import load_config
+from catvton.data.canvas import build_sample, to_uint8
+from catvton.data.masks import general_mask
+
+pytestmark = pytest.mark.ray
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = "test-key-0123456789"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+OVERRIDES = ["model.transformer_override=null"]  # the tiny base alone: no alpha build needed
+RETRY_AFTER = 3
+MAX_BODY_MB = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def _person(h: int, w: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A smooth 'person' photo and a lower-body garment mask on it."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = rng.integers(60, 200, 3)
+    img = np.clip(base + 40 * np.sin(xx / 9.0)[..., None] + 30 * np.cos(yy / 13.0)[..., None], 0, 255).astype(np.uint8)
+    mask = np.zeros((h, w), bool)
+    mask[h // 2: h - h // 10, w // 4: 3 * w // 4] = True
+    img[mask] = (40, 60, 160)
+    return img, mask
+
+
+GARMENT = np.full((60, 40, 3), (200, 40, 40), np.uint8)
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config(ROOT / "configs/tiny.yaml", OVERRIDES)
+
+
+@pytest.fixture(scope="module")
+def lora_dir(cfg, tmp_path_factory):
+    """A LoRA in the training format (catvton.train.step.save_weights) with random non-zero B."""
+    import torch
+
+    from catvton.train.step import build_transformer, save_weights
+
+    torch.set_num_threads(1)
+    folder = tmp_path_factory.mktemp("release")
+    model = build_transformer(cfg, torch.device("cpu"), torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    save_weights(model, folder, cfg)
+    (folder / "training_config.json").write_text(json.dumps(cfg.to_dict()))
+    (folder / "metrics.json").write_text(json.dumps({"lower_psnr": 21.5, "val_loss": 0.123}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def parser_dir(tmp_path_factory):
+    """The tiny random SegFormer, biased so that every pixel parses as Pants."""
+    import torch
+    from transformers import SegformerForSemanticSegmentation
+
+    from catvton.infer.automask import ATR_LABELS, make_tiny_parser
+
+    folder = make_tiny_parser(tmp_path_factory.mktemp("parser"))
+    model = SegformerForSemanticSegmentation.from_pretrained(folder)
+    with torch.no_grad():
+        model.decode_head.classifier.bias[ATR_LABELS.index("Pants")] = 100.0
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, lora_dir, parser_dir):
+    from ray import serve
+
+    from serve.app import application
+
+    port = _free_port()
+    settings = {"lora": [str(lora_dir)], "parser": str(parser_dir), "api_key": KEY, "torch_threads": 1,
+                "max_batch_size": 4, "batch_wait_timeout_s": 0.05, "max_body_mb": MAX_BODY_MB,
+                "max_steps": 50, "retry_after_s": RETRY_AFTER}
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app = application(settings, model_options={"max_ongoing_requests": 4, "max_queued_requests": 16,
+                                               "ray_actor_options": {"num_cpus": 1}})
+    serve.run(app, name="tryon", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+def post(url, person=None, garment=None, mask=None, data=None, headers=AUTH, timeout=120, **files):
+    parts = {}
+    if person is not None:
+        parts["person"] = ("person.png", person if isinstance(person, bytes) else png(person), "image/png")
+    if garment is not None:
+        parts["garment"] = ("garment.png", garment if isinstance(garment, bytes) else png(garment), "image/png")
+    if mask is not None:
+        parts["mask"] = ("mask.png", mask if isinstance(mask, bytes) else png(mask.astype(np.uint8) * 255), "image/png")
+    parts.update(files)
+    return requests.post(f"{url}/v1/tryon", files=parts, data=data or {}, headers=headers, timeout=timeout)
+
+
+def as_image(resp) -> np.ndarray:
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["content-type"] == "image/png"
+    return np.asarray(Image.open(io.BytesIO(resp.content)).convert("RGB"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Routes and auth
+
+
+def test_healthz_needs_no_key(server):
+    r = requests.get(f"{server}/healthz", timeout=30)
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize("method,path", [("get", "/v1/info"), ("get", "/openapi.json"), ("get", "/docs"),
+                                         ("post", "/v1/tryon")])
+def test_every_other_route_needs_the_key(server, method, path):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        r = getattr(requests, method)(f"{server}{path}", headers=headers, timeout=30)
+        assert r.status_code == 401, (path, headers)
+        assert r.json()["field"] == "authorization" and r.headers["WWW-Authenticate"] == "Bearer"
+
+
+def test_info_names_base_lora_and_its_metrics(server, lora_dir):
+    info = requests.get(f"{server}/v1/info", headers=AUTH, timeout=30).json()
+    assert info["lora"] == str(lora_dir)
+    assert info["metrics"] == {"lower_psnr": 21.5, "val_loss": 0.123}
+    assert info["base"] == "tiny" and info["transformer_override"] is None
+    assert info["auto_mask"] is True and info["auth"] is True
+    assert info["limits"]["max_body_mb"] == MAX_BODY_MB
+
+
+def test_openapi_and_docs_are_served(server):
+    spec = requests.get(f"{server}/openapi.json", headers=AUTH, timeout=30).json()
+    body = spec["paths"]["/v1/tryon"]["post"]["requestBody"]["content"]
+    assert "multipart/form-data" in body
+    assert {"/healthz", "/v1/info", "/v1/tryon"} <= set(spec["paths"])
+    docs = requests.get(f"{server}/docs", headers=AUTH, timeout=30)
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
+# ---------------------------------------------------------------------------------------------
+# Try-on results
+
+
+def test_png_has_the_person_size_and_keeps_pixels_outside_the_general_mask(server, cfg):
+    person, mask = _person(300, 200)
+    out = as_image(post(server, person, GARMENT, mask, data={"garment_type": "lower"}))
+    assert out.shape == person.shape
+    general = general_mask(mask, "lower", cfg.mask)
+    assert np.array_equal(out[~general], person[~general])
+    assert np.abs(out[general].astype(int) - person[general]).mean() > 5, "the masked region was repainted"
+
+
+def test_json_variant_carries_a_base64_png(server):
+    person, mask = _person(150, 110, seed=1)
+    r = post(server, person, GARMENT, mask, data={"garment_type": "full", "output": "json", "seed": "5", "steps": "2"})
+    assert r.status_code == 200, r.text
+    j = r.json()
+    assert (j["width"], j["height"], j["seed"], j["steps"], j["mask_source"]) == (110, 150, 5, 2, "request")
+    img = Image.open(io.BytesIO(base64.b64decode(j["image_png_base64"])))
+    assert img.size == (110, 150)
+
+
+def test_lora_output_equals_the_evaluation_pipeline_and_differs_from_the_base(server, cfg, lora_dir):
+    """A person photo of the canvas half's size: no resampling, so the API's PNG must be the
+    evaluation pipeline's person half (build_sample + TryOn.fill_canvases), pixel for pixel."""
+    import torch
+
+    from catvton.infer.tryon import TryOn
+
+    torch.set_num_threads(1)
+    H, W = cfg.canvas.half_height, cfg.canvas.half_width
+    person, mask = _person(H, W, seed=2)
+    api = as_image(post(server, person, GARMENT, mask, data={"garment_type": "lower", "seed": "11"}))
+
+    s = build_sample(GARMENT, np.ones(GARMENT.shape[:2], bool), person, mask, "lower", cfg.canvas, cfg.mask)
+    tuned = TryOn.load(cfg, lora=lora_dir).fill_canvases(s.canvas[None], s.mask_canvas[None], seed=11)
+    base = TryOn.load(cfg).fill_canvases(s.canvas[None], s.mask_canvas[None], seed=11)
+    assert np.array_equal(api, to_uint8(tuned[0][:, W:])), "the API is the evaluation pipeline"
+    m = s.mask_canvas[:, W:].astype(bool)
+    diff = np.abs(to_uint8(tuned[0][:, W:]).astype(int) - to_uint8(base[0][:, W:]).astype(int))[m].mean()
+    assert diff > 2.0, f"the LoRA changes the output (mean |diff| {diff:.2f} in the mask)"
+
+
+def test_auto_mask_from_the_parser(server):
+    """The biased parser marks the whole photo as Pants: the auto mask is then what an all-white
+    request mask gives, and there is no top to find."""
+    person, _ = _person(128, 96, seed=3)
+    data = {"garment_type": "lower", "seed": "4", "steps": "2"}
+    auto = post(server, person, GARMENT, None, data=data)
+    assert auto.headers.get("X-Tryon-Mask-Source") == "auto"
+    sent = post(server, person, GARMENT, np.ones((128, 96), bool), data=data)
+    assert np.array_equal(as_image(auto), as_image(sent))
+    none = post(server, person, GARMENT, None, data={"garment_type": "upper"})
+    assert none.status_code == 422 and none.json()["field"] == "mask" and "no upper garment" in none.json()["error"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: a 4xx naming the field, never a 5xx
+
+
+def _bad_cases():
+    person, mask = _person(128, 96)
+    ok = {"person": person, "garment": GARMENT, "mask": mask}
+    lower = {"garment_type": "lower"}
+    good_png = png(person)
+    return [
+        ("person not an image", {**ok, "person": b"hello, not an image"}, lower, 422, "person"),
+        ("person truncated", {**ok, "person": good_png[: len(good_png) // 2]}, lower, 422, "person"),
+        ("person zero size", {**ok, "person": png_header_only(0, 0)}, lower, 422, "person"),
+        ("person too small", {**ok, "person": png(person[:8, :8])}, lower, 422, "person"),
+        ("person enormous", {**ok, "person": png_header_only(60_000, 60_000)}, lower, 413, "person"),
+        ("garment not an image", {**ok, "garment": b"GIF89a broken"}, lower, 422, "garment"),
+        ("garment empty", {**ok, "garment": b""}, lower, 422, "garment"),
+        ("mask not an image", {**ok, "mask": b"nope"}, lower, 422, "mask"),
+        ("mask wrong size", {**ok, "mask": np.ones((50, 50), bool)}, lower, 422, "mask"),
+        ("mask empty", {**ok, "mask": np.zeros((128, 96), bool)}, lower, 422, "mask"),
+        ("person missing", {"garment": GARMENT, "mask": mask}, lower, 422, "person"),
+        ("garment missing", {"person": person, "mask": mask}, lower, 422, "garment"),
+        ("garment type missing", ok, {}, 422, "garment_type"),
+        ("garment type unknown", ok, {"garment_type": "hat"}, 422, "garment_type"),
+        ("steps not a number", ok, {**lower, "steps": "many"}, 422, "steps"),
+        ("steps zero", ok, {**lower, "steps": "0"}, 422, "steps"),
+        ("steps over the limit", ok, {**lower, "steps": "51"}, 422, "steps"),
+        ("guidance not a number", ok, {**lower, "guidance": "high"}, 422, "guidance"),
+        ("guidance out of range", ok, {**lower, "guidance": "1e9"}, 422, "guidance"),
+        ("seed negative", ok, {**lower, "seed": "-1"}, 422, "seed"),
+        ("seed a float", ok, {**lower, "seed": "1.5"}, 422, "seed"),
+        ("size not WxH", ok, {**lower, "size": "big"}, 422, "size"),
+        ("size not a multiple of 16", ok, {**lower, "size": "100x100"}, 422, "size"),
+        ("size too large", ok, {**lower, "size": "4096x4096"}, 413, "size"),
+        ("output unknown", ok, {**lower, "output": "gif"}, 422, "output"),
+    ]
+
+
+@pytest.mark.parametrize("name,files,data,status,field", _bad_cases(), ids=[c[0] for c in _bad_cases()])
+def test_bad_input_gets_a_4xx_naming_the_field(server, name, files, data, status, field):
+    r = post(server, data=data, **{k: v for k, v in files.items() if k in ("person", "garment", "mask")})
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert body["field"] == field and body["error"]
+
+
+def test_person_sent_as_text_instead_of_a_file(server):
+    r = requests.post(f"{server}/v1/tryon", headers=AUTH, timeout=30,
+                      files={"garment": ("g.png", png(GARMENT), "image/png")},
+                      data={"person": "a photo of me", "garment_type": "lower"})
+    assert r.status_code == 422 and r.json()["field"] == "person"
+
+
+def test_body_over_the_limit(server):
+    blob = b"\0" * int((MAX_BODY_MB + 1) * 1024 * 1024)
+    r = requests.post(f"{server}/v1/tryon", headers=AUTH, timeout=60,
+                      files={"person": ("p.png", blob, "image/png")}, data={"garment_type": "lower"})
+    assert r.status_code == 413 and r.json()["field"] == "body"
+
+    def chunks():  # no Content-Length: the limit is counted while reading
+        for _ in range(MAX_BODY_MB + 1):
+            yield b"\0" * (1024 * 1024)
+
+    r = requests.post(f"{server}/v1/tryon", headers={**AUTH, "Content-Type": "multipart/form-data; boundary=x"},
+                      data=chunks(), timeout=60)
+    assert r.status_code == 413 and r.json()["field"] == "body"
+
+
+def test_not_multipart_and_broken_multipart(server):
+    r = requests.post(f"{server}/v1/tryon", headers=AUTH, json={"person": "x"}, timeout=30)
+    assert r.status_code == 422 and r.json()["field"] in ("person", "body")
+    r = requests.post(f"{server}/v1/tryon", headers={**AUTH, "Content-Type": "multipart/form-data; boundary=zz"},
+                      data=b"--zz\r\nContent-Disposition: form-data; name=\"person\"\r\n\r\nunterminated", timeout=30)
+    assert 400 <= r.status_code < 500 and r.json()["field"] in ("body", "person")
+
+
+# ---------------------------------------------------------------------------------------------
+# Load, overload, fuzz
+
+
+def _timed_post(args):
+    import time
+
+    url, person_png, mask_png, seed, steps = args
+    t0 = time.perf_counter()
+    r = requests.post(f"{url}/v1/tryon", headers=AUTH, timeout=300,
+                      files={"person": ("p.png", person_png, "image/png"), "garment": ("g.png", png(GARMENT), "image/png"),
+                             "mask": ("m.png", mask_png, "image/png")},
+                      data={"garment_type": "lower", "seed": str(seed), "steps": str(steps)})
+    return r.status_code, time.perf_counter() - t0, r.headers.get("Retry-After")
+
+
+def test_load_200_requests_at_concurrency_8(server):
+    person, mask = _person(128, 96, seed=5)
+    args = [(server, png(person), png(mask.astype(np.uint8) * 255), i, 2) for i in range(200)]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(_timed_post, args))
+    codes = [c for c, _, _ in results]
+    lat = np.array([t for _, t, _ in results])
+    print(f"\nload: 200 requests, concurrency 8, 2 steps: p50 {np.percentile(lat, 50) * 1000:.0f} ms, "
+          f"p95 {np.percentile(lat, 95) * 1000:.0f} ms, errors {sum(c != 200 for c in codes)}")
+    assert codes.count(200) == 200, {c: codes.count(c) for c in set(codes)}
+    batches = requests.get(f"{server}/v1/info", headers=AUTH, timeout=30).json()["recent_batch_sizes"]
+    assert max(int(k) for k in batches) > 1, f"requests were batched: {batches}"
+
+
+def test_flood_past_the_queue_gets_503_with_retry_after_and_the_replica_keeps_serving(server):
+    person, mask = _person(128, 96, seed=6)
+    args = [(server, png(person), png(mask.astype(np.uint8) * 255), i, 20) for i in range(64)]
+    with ThreadPoolExecutor(64) as pool:
+        results = list(pool.map(_timed_post, args))
+    codes = [c for c, _, _ in results]
+    assert set(codes) <= {200, 503}, codes
+    assert codes.count(503) > 0, "64 at once overflow 4 ongoing + 16 queued"
+    assert {ra for c, _, ra in results if c == 503} == {str(RETRY_AFTER)}
+    assert codes.count(200) >= 4
+    after = post(server, person, GARMENT, mask, data={"garment_type": "lower", "steps": "2"})
+    assert after.status_code == 200
+
+
+def test_fuzz_against_the_openapi_spec_finds_no_5xx(server):
+    """schemathesis generates requests from the served spec, every operation; none may get a 5xx."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.checks import not_a_server_error
+
+    spec = requests.get(f"{server}/openapi.json", headers=AUTH, timeout=30).json()
+    codes: dict[str, list[int]] = {}
+    operations = [r.ok() for r in schemathesis.openapi.from_dict(spec).get_all_operations()]
+    assert {op.label for op in operations} >= {"POST /v1/tryon", "GET /v1/info", "GET /healthz"}
+    for op in operations:
+        @given(case=op.as_strategy())
+        @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        def run(case):
+            r = case.call_and_validate(base_url=server, headers=AUTH, checks=[not_a_server_error], timeout=120)
+            codes.setdefault(op.label, []).append(r.status_code)
+
+        run()
+    print("\nfuzz:", {k: {c: v.count(c) for c in sorted(set(v))} for k, v in codes.items()})
+    assert all(c < 500 for v in codes.values() for c in v)
+    assert len(codes["POST /v1/tryon"]) >= 10
+
+
+# ---------------------------------------------------------------------------------------------
+# The page, in headless Chromium
+
+
+def _chromium() -> str:
+    path = shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(path).exists():
+        pytest.fail("no /usr/bin/chromium: `make test` installs it (apt-get install -y chromium)")
+    return path
+
+
+def test_page_uploads_two_images_and_shows_the_result(server, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    person, _ = _person(160, 120, seed=7)
+    Image.fromarray(person).save(tmp_path / "person.png")
+    Image.fromarray(GARMENT).save(tmp_path / "garment.png")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_chromium(), args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            page.goto(f"{server}/")
+            page.set_input_files("#person", str(tmp_path / "person.png"))
+            page.set_input_files("#garment", str(tmp_path / "garment.png"))
+            page.select_option("#garment_type", "lower")
+            page.fill("#apikey", KEY)
+            page.fill("#steps", "2")
+            page.wait_for_function("document.getElementById('draw').width === 120")
+            box = page.locator("#draw").bounding_box()
+            page.mouse.move(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.55)
+            page.mouse.down()
+            page.mouse.move(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.9, steps=8)
+            page.mouse.up()
+            page.click("#submit")
+            page.wait_for_function("document.getElementById('result').naturalWidth > 0", timeout=120_000)
+            size = page.evaluate("[document.getElementById('result').naturalWidth, "
+                                 "document.getElementById('result').naturalHeight]")
+            assert size == [120, 160], "the result has the person photo's size"
+            assert "mask request" in page.inner_text("#status")
+        finally:
+            browser.close()
