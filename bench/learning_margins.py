@@ -61,7 +61,16 @@ def main() -> None:
     from catvton.ray_utils import init_ray
 
     init_ray()
-    results = [run_seed(s, args.config, args.set) for s in args.seeds]
+    results = []
+    for seed in args.seeds:  # each seed's result is kept as it finishes: a crash loses one seed, not all
+        done = Path(args.out).with_name(f"{Path(args.out).stem}_seed{seed}.json")
+        if done.is_file():
+            results.append(json.loads(done.read_text()))
+            continue
+        results.append(run_seed(seed, args.config, args.set))
+        done.parent.mkdir(parents=True, exist_ok=True)
+        done.write_text(json.dumps(results[-1], indent=2) + "\n")
+        print(f"seed {seed} done: {done}", flush=True)
     for r in results:
         print(f"\nseed {r['seed']}: lower val loss {r['val_loss_lower_start']:.4f} -> {r['val_loss_lower_end']:.4f}")
         print("  group  pairs pids | PSNR alpha  LoRA  grey | SSIM alpha  LoRA  grey")
