@@ -14,8 +14,6 @@ import io
 import json
 import shutil
 import socket
-import struct
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image
+from serve_helpers import png, png_header_only
 
 from catvton.config import load_config
 from catvton.data.canvas import build_sample, to_uint8
@@ -42,20 +41,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def png(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
 
 
 def _person(h: int, w: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -125,9 +110,11 @@ def server(ray_session, lora_dir, parser_dir):
     settings = {"lora": [str(lora_dir)], "parser": str(parser_dir), "api_key": KEY, "torch_threads": 1,
                 "max_batch_size": 4, "batch_wait_timeout_s": 0.05, "max_body_mb": MAX_BODY_MB,
                 "max_steps": 50, "retry_after_s": RETRY_AFTER}
+    serve.shutdown()  # a Serve left by another module would keep its own port (http_options are not re-applied)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # num_cpus 0: the session's 2 logical CPUs may be held by other modules' actors; torch uses 1 thread
     app = application(settings, model_options={"max_ongoing_requests": 4, "max_queued_requests": 16,
-                                               "ray_actor_options": {"num_cpus": 1}})
+                                               "ray_actor_options": {"num_cpus": 0}})
     serve.run(app, name="tryon", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -336,11 +323,16 @@ def _timed_post(args):
     return r.status_code, time.perf_counter() - t0, r.headers.get("Retry-After")
 
 
+def _fire(server, count: int, concurrency: int, steps: int, seed: int) -> list[tuple[int, float, str | None]]:
+    """``count`` try-ons (one person, seeds 0..count-1) from ``concurrency`` threads: (status, seconds, Retry-After)."""
+    person, mask = _person(128, 96, seed=seed)
+    args = [(server, png(person), png(mask.astype(np.uint8) * 255), i, steps) for i in range(count)]
+    with ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(_timed_post, args))
+
+
 def test_load_200_requests_at_concurrency_8(server):
-    person, mask = _person(128, 96, seed=5)
-    args = [(server, png(person), png(mask.astype(np.uint8) * 255), i, 2) for i in range(200)]
-    with ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(_timed_post, args))
+    results = _fire(server, count=200, concurrency=8, steps=2, seed=5)
     codes = [c for c, _, _ in results]
     lat = np.array([t for _, t, _ in results])
     print(f"\nload: 200 requests, concurrency 8, 2 steps: p50 {np.percentile(lat, 50) * 1000:.0f} ms, "
@@ -351,15 +343,13 @@ def test_load_200_requests_at_concurrency_8(server):
 
 
 def test_flood_past_the_queue_gets_503_with_retry_after_and_the_replica_keeps_serving(server):
-    person, mask = _person(128, 96, seed=6)
-    args = [(server, png(person), png(mask.astype(np.uint8) * 255), i, 20) for i in range(64)]
-    with ThreadPoolExecutor(64) as pool:
-        results = list(pool.map(_timed_post, args))
+    results = _fire(server, count=64, concurrency=64, steps=20, seed=6)
     codes = [c for c, _, _ in results]
     assert set(codes) <= {200, 503}, codes
     assert codes.count(503) > 0, "64 at once overflow 4 ongoing + 16 queued"
     assert {ra for c, _, ra in results if c == 503} == {str(RETRY_AFTER)}
     assert codes.count(200) >= 4
+    person, mask = _person(128, 96, seed=6)
     after = post(server, person, GARMENT, mask, data={"garment_type": "lower", "steps": "2"})
     assert after.status_code == 200
 

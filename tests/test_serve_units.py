@@ -7,12 +7,11 @@ pieces it is made of, quickly.
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
+from serve_helpers import png, png_header_only
 
 from catvton.config import ConfigError, load_config
 from catvton.data.canvas import build_sample, to_uint8
@@ -22,22 +21,6 @@ from catvton.infer.request import (ImageLimits, InputError, decode_image, decode
 from catvton.infer.serving import ServeConfig, TryOnService, serve_config_from_dict
 
 LIMITS = ImageLimits(min_side=16, max_side=4096, max_pixels=4_000_000)
-
-
-def png(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose IHDR declares ``width`` x ``height`` and that has no pixel data."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + chunk(b"IEND", b""))
 
 
 def photo(h=120, w=90, seed=0) -> np.ndarray:
