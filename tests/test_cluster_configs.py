@@ -1,0 +1,148 @@
+"""The cluster configs (cluster/, runtime_env.yaml) checked offline: the launcher YAML against the
+schema inside the ray package, the KubeRay manifests against the fields the job relies on, and
+each validator shown to reject a broken copy (a check that accepts everything proves nothing).
+
+    python cluster/validate.py     # the same checks as a command
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_validate():
+    spec = importlib.util.spec_from_file_location("cluster_validate", ROOT / "cluster/validate.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+V = _load_validate()
+
+
+def load(rel: str) -> dict:
+    return yaml.safe_load((ROOT / rel).read_text())
+
+
+@pytest.fixture(scope="module")
+def launcher():
+    return load("cluster/aws-l40s.yaml")
+
+
+@pytest.fixture(scope="module")
+def raycluster():
+    return load("cluster/kuberay/raycluster.yaml")
+
+
+@pytest.fixture(scope="module")
+def rayjob():
+    return load("cluster/kuberay/rayjob.yaml")
+
+
+def test_every_shipped_config_is_valid():
+    files = V.config_files()
+    names = {p.relative_to(ROOT).as_posix() for p in files}
+    assert {"runtime_env.yaml", "cluster/aws-l40s.yaml", "cluster/kuberay/raycluster.yaml",
+            "cluster/kuberay/rayjob.yaml"} <= names
+    assert {f: V.check_file(f) for f in files} == {f: [] for f in files}
+
+
+def test_launcher_is_checked_against_the_schema_inside_ray(launcher):
+    schema = Path(ray.__file__).parent / "autoscaler" / "ray-schema.json"
+    assert schema.is_file()
+    assert V.check_launcher(launcher) == []
+    l40s = launcher["available_node_types"]["l40s"]
+    assert l40s["node_config"]["InstanceType"].startswith("g6e.") and l40s["resources"]["GPU"] == 4
+    assert 0 <= l40s["min_workers"] < l40s["max_workers"] <= launcher["max_workers"]
+    # a field the schema does not know is rejected (node types allow no extra keys)
+    bad = copy.deepcopy(launcher)
+    bad["available_node_types"]["l40s"]["gpus"] = 4
+    problems = V.check_launcher(bad)
+    assert any(p.startswith("ray schema:") and "gpus" in p for p in problems), problems
+    # so is a wrong type, and a head type that is not among the node types
+    bad = copy.deepcopy(launcher)
+    bad["available_node_types"]["l40s"]["max_workers"] = "two"
+    assert any(p.startswith("ray schema:") for p in V.check_launcher(bad))
+    bad = copy.deepcopy(launcher)
+    bad["head_node_type"] = "nope"
+    assert any("head_node_type" in p for p in V.check_launcher(bad))
+
+
+@pytest.mark.parametrize("breakage, expected", [
+    (lambda c: c["available_node_types"]["l40s"]["node_config"].update(InstanceType="m6i.4xlarge"), "g6e"),
+    (lambda c: c["available_node_types"]["l40s"]["resources"].pop("GPU"), "resources.GPU"),
+    (lambda c: c["available_node_types"]["l40s"].pop("max_workers"), "autoscaling bounds"),
+    (lambda c: c["docker"].update(worker_image="rayproject/ray:2.9.0-py311-gpu"), "image"),
+    (lambda c: c["docker"].update(worker_run_options=[]), "--gpus"),
+    (lambda c: c.update(initialization_commands=[]), "mounts the shared"),
+])
+def test_launcher_rejects_what_the_job_relies_on(launcher, breakage, expected):
+    bad = copy.deepcopy(launcher)
+    breakage(bad)
+    problems = V.check_launcher(bad)
+    assert any(expected in p for p in problems), problems
+
+
+def test_manifests_are_valid_and_the_rayjob_runs_the_same_cluster(raycluster, rayjob):
+    assert V.check_kuberay(raycluster) == []
+    assert V.check_kuberay(rayjob) == []
+    assert rayjob["spec"]["rayClusterSpec"] == raycluster["spec"], "rayjob.yaml's cluster drifted from raycluster.yaml"
+    assert rayjob["spec"]["shutdownAfterJobFinishes"] is True
+    group = raycluster["spec"]["workerGroupSpecs"][0]
+    worker = group["template"]["spec"]["containers"][0]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert raycluster["spec"]["rayVersion"] == ray.__version__
+    assert worker["image"] == f"rayproject/ray:{ray.__version__}-py311-gpu"
+
+
+def test_runtime_env_matches_pyproject_and_the_rayjob(rayjob):
+    env = load("runtime_env.yaml")
+    assert V.check_runtime_env(env) == []
+    assert "torch==2.13.0" in env["pip"]["packages"]
+    job_env = yaml.safe_load(rayjob["spec"]["runtimeEnvYAML"])
+    assert job_env["pip"]["packages"] == env["pip"]["packages"]
+    assert job_env["env_vars"] == env["env_vars"]
+    bad = copy.deepcopy(env)
+    bad["pip"]["packages"] = [p for p in bad["pip"]["packages"] if not p.startswith("peft")] + ["ray==2.60.0"]
+    problems = V.check_runtime_env(bad)
+    assert any("peft" in p for p in problems) and any("do not pip-install ray" in p for p in problems), problems
+
+
+def _worker(doc):
+    spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+    return spec["workerGroupSpecs"][0]
+
+
+@pytest.mark.parametrize("which, breakage, expected", [
+    ("raycluster", lambda d: _worker(d)["template"]["spec"]["containers"][0]["resources"]["limits"].pop("nvidia.com/gpu"),
+     "resources.limits['nvidia.com/gpu']"),
+    ("rayjob", lambda d: _worker(d)["template"]["spec"]["containers"][0]["resources"]["limits"].pop("nvidia.com/gpu"),
+     "resources.limits['nvidia.com/gpu']"),
+    ("rayjob", lambda d: d["spec"].pop("entrypoint"), "entrypoint"),
+    ("rayjob", lambda d: d["spec"].update(entrypoint="python ray_jobs/train.py --config configs/l40s.yaml"),
+     "run.storage_path"),
+    ("rayjob", lambda d: d["spec"].update(shutdownAfterJobFinishes=False), "shutdownAfterJobFinishes"),
+    ("rayjob", lambda d: d["spec"].update(runtimeEnvYAML="pip: [torch==2.13.0]"), "working_dir"),
+    ("raycluster", lambda d: _worker(d)["template"]["spec"].pop("tolerations"), "tolerate"),
+    ("raycluster", lambda d: d["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0].update(
+        image="rayproject/ray:latest"), "image"),
+    ("raycluster", lambda d: _worker(d)["template"]["spec"]["containers"][0].update(volumeMounts=[]), "/mnt/shared"),
+    ("raycluster", lambda d: _worker(d).update(minReplicas=3, replicas=1), "minReplicas"),
+    ("raycluster", lambda d: d.update(apiVersion="ray.io/v1alpha1"), "apiVersion"),
+    ("raycluster", lambda d: d["spec"].update(rayVersion="2.9.0"), "rayVersion"),
+])
+def test_manifest_validator_rejects_a_broken_copy(raycluster, rayjob, which, breakage, expected):
+    bad = copy.deepcopy(raycluster if which == "raycluster" else rayjob)
+    breakage(bad)
+    problems = V.check_kuberay(bad)
+    assert any(expected in p for p in problems), problems
