@@ -284,3 +284,16 @@ def test_full_refuses_a_push_it_could_not_do_before_training(tmp_path):
     assert bad_id.returncode == 2 and "<user or org>/<name>" in bad_id.stderr
     id_only = subprocess.run(cmd + ["--hub-model-id", "a/b"], capture_output=True, text=True, env=env, timeout=120)
     assert id_only.returncode == 2 and "--push-to-hub" in id_only.stderr
+
+
+def test_a_ray_job_with_relative_run_folders_is_warned(tmp_path):
+    from catvton.train.job import ephemeral_paths_warning
+
+    cfg = load_config(ROOT / "configs/tiny.yaml")
+    job_dir = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_1"
+    job_dir.mkdir(parents=True)
+    warning = ephemeral_paths_warning(cfg, cwd=job_dir)
+    assert "run.output_dir=outputs" in warning and "run.storage_path=outputs/ray" in warning
+    assert ephemeral_paths_warning(cfg, cwd=tmp_path) is None, "a normal checkout is not warned"
+    cfg.run.output_dir, cfg.run.storage_path = "/mnt/shared/outputs", "s3://bucket/ray"
+    assert ephemeral_paths_warning(cfg, cwd=job_dir) is None

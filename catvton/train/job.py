@@ -120,10 +120,29 @@ def fit(cfg: Config, cache_dir: Path, log: Callable[[str], None] = print, dump_d
     return TrainOutcome(out_dir, checkpoint_dir, weights, metrics, cache_dir, cfg)
 
 
+def ephemeral_paths_warning(cfg: Config, cwd: Path | None = None) -> str | None:
+    """A warning when this process runs in Ray's temporary copy of a job's working dir (``ray job
+    submit --working-dir``) and the run's folders are relative: they would be deleted with the
+    Ray session, and a rerun could not resume."""
+    cwd = (cwd or Path.cwd()).resolve()
+    if "working_dir_files" not in cwd.parts:
+        return None
+    relative = [f"run.{k}={v}" for k, v in (("output_dir", cfg.run.output_dir), ("storage_path", cfg.run.storage_path))
+                if "://" not in v and not Path(v).expanduser().is_absolute()]
+    if not relative:
+        return None
+    return (f"warning: {', '.join(relative)} relative to Ray's temporary copy of the working dir ({cwd}): the LoRA, "
+            "curves and checkpoints go away with the Ray session and a rerun cannot resume. Use shared storage, e.g. "
+            "--set run.output_dir=/mnt/shared/outputs --set run.storage_path=/mnt/shared/ray (or s3://bucket/ray)")
+
+
 def run_job(cfg: Config, num_encoders: int = 1, log: Callable[[str], None] = print) -> TrainOutcome:
     """The whole job on a running Ray: resolve the models, build or reuse the latent cache, fit."""
     from catvton.data.encode import build_latent_cache
 
+    warning = ephemeral_paths_warning(cfg)
+    if warning:
+        log(warning)
     cfg = resolve_models(cfg, log=log)
     cache = build_latent_cache(cfg, num_encoders=num_encoders, use_gpu=cfg.train.use_gpu, log=log)
     return fit(cfg, cache, log=log)
