@@ -26,13 +26,17 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 STATE = "training_state.pt"
 
 
-def build_transformer(cfg: Config, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+def build_transformer(cfg: Config, device: torch.device, dtype: torch.dtype,
+                      base: torch.nn.Module | None = None) -> torch.nn.Module:
     """The transformer to train: a LoRA on the frozen base (``method=lora``) or the whole model
-    (``method=full``). LoRA parameters are kept in float32 even when the base is bf16."""
+    (``method=full``). LoRA parameters are kept in float32 even when the base is bf16.
+
+    ``base``: an already built ``FluxTransformer2DModel`` to use instead of loading
+    ``cfg.model.base`` (the full-size benchmark builds FLUX's shape with random weights)."""
     from catvton.model.loading import load_transformer
     from catvton.model.lora import lora_config
 
-    model = load_transformer(cfg.model.base, cfg.model.transformer_override, dtype)
+    model = base if base is not None else load_transformer(cfg.model.base, cfg.model.transformer_override, dtype)
     model.to(device)
     if cfg.train.method == "lora":
         model.requires_grad_(False)
