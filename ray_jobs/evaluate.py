@@ -18,7 +18,6 @@ report.json, report.md and grid_<group>.png to --out (default: <lora>/eval).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -27,10 +26,10 @@ sys.path.insert(0, str(ROOT))
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from catvton.cli import config_or_exit, job_parser
+
+    p = job_parser(__doc__, default_config=None)
     p.add_argument("--lora", required=True, help="release folder or a run's lora/ folder (pytorch_lora_weights.safetensors)")
-    p.add_argument("--config", default=None, help="YAML preset; default: the LoRA's training_config.json, else configs/tiny.yaml")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
     p.add_argument("--split", default="test", choices=["test", "val"], help="held-out pids to score on")
     p.add_argument("--groups", default="upper,lower,full", help="comma-separated garment groups")
     p.add_argument("--max-per-group", type=int, default=None, help="cap the pairs per group (fixed order)")
@@ -39,7 +38,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="report folder (default: <lora>/eval)")
     args = p.parse_args(argv)
 
-    from catvton.config import ConfigError, load_config
     from catvton.eval.evaluate import evaluate
     from catvton.eval.tryon_eval import held_out_samples
     from catvton.eval.viton import VitonError, viton_samples
@@ -53,11 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     own = lora / "training_config.json"
     config = args.config or (own if own.is_file() else ROOT / "configs" / "tiny.yaml")
-    try:
-        cfg = load_config(config, args.set)  # JSON is YAML: the LoRA's own config loads as a preset
-    except ConfigError as e:
-        print(e, file=sys.stderr)
-        return 2
+    cfg = config_or_exit(config, args.set)  # JSON is YAML: the LoRA's own config loads as a preset
     init_ray()
     cfg = resolve_models(cfg)
     try:

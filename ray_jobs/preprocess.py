@@ -17,7 +17,6 @@ builds or reuses the same cache itself, so this job is only needed to build it a
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -26,23 +25,19 @@ sys.path.insert(0, str(ROOT))  # a Ray job's working dir is the repo root, but s
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"), help="YAML preset (default: configs/tiny.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
+    from catvton.cli import config_or_exit, job_parser
+
+    p = job_parser(__doc__)
     p.add_argument("--encoders", type=int, default=1, help="VAE encoder actors (one GPU each with --gpu)")
     p.add_argument("--gpu", action="store_true", help="encode on GPUs (bf16); default: CPU (fp32)")
     p.add_argument("--batch-size", type=int, default=16, help="pairs per VAE call")
     args = p.parse_args(argv)
 
-    from catvton.config import ConfigError, load_config
+    cfg = config_or_exit(args.config, args.set)
+
     from catvton.data.encode import build_latent_cache, load_manifest
     from catvton.ray_utils import init_ray
 
-    try:
-        cfg = load_config(args.config, args.set)
-    except ConfigError as e:
-        print(e, file=sys.stderr)
-        return 2
     if args.encoders < 1 or args.batch_size < 1:
         print("--encoders and --batch-size must be at least 1", file=sys.stderr)
         return 2

@@ -18,7 +18,6 @@ resumes that run from its latest checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -27,21 +26,16 @@ sys.path.insert(0, str(ROOT))  # a Ray job's working dir is the repo root, but s
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"), help="YAML preset (default: configs/tiny.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
+    from catvton.cli import config_or_exit, job_parser
+
+    p = job_parser(__doc__)
     p.add_argument("--encoders", type=int, default=1, help="Ray Data VAE encoder actors for the latent cache")
     args = p.parse_args(argv)
+    cfg = config_or_exit(args.config, args.set)
 
-    from catvton.config import ConfigError, load_config
     from catvton.ray_utils import init_ray
     from catvton.train.job import run_job, summary_lines
 
-    try:
-        cfg = load_config(args.config, args.set)
-    except ConfigError as e:
-        print(e, file=sys.stderr)
-        return 2
     init_ray()
     outcome = run_job(cfg, num_encoders=args.encoders)
     print("\n== training finished ==")

@@ -17,7 +17,6 @@ Overrides: --set tune.num_samples=16 --set tune.ranks=[16,64] --set train.max_st
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -26,21 +25,16 @@ sys.path.insert(0, str(ROOT))
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"), help="YAML preset (default: configs/tiny.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
+    from catvton.cli import config_or_exit, job_parser
+
+    p = job_parser(__doc__)
     p.add_argument("--encoders", type=int, default=1, help="Ray Data VAE encoder actors for the latent cache")
     args = p.parse_args(argv)
+    cfg = config_or_exit(args.config, args.set)
 
-    from catvton.config import ConfigError, load_config
     from catvton.ray_utils import init_ray
     from catvton.train.sweep import run_sweep
 
-    try:
-        cfg = load_config(args.config, args.set)
-    except ConfigError as e:
-        print(e, file=sys.stderr)
-        return 2
     init_ray()
     out = run_sweep(cfg, num_encoders=args.encoders)
     metric = cfg.tune.metric

@@ -1,0 +1,31 @@
+"""What every Ray job entry point shares: ``--config`` / ``--set`` and loading them, so that a
+bad value is reported the same way (all problems at once, exit code 2) everywhere."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from catvton.config import Config, ConfigError, load_config
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+
+def job_parser(doc: str | None, default_config: Path | None = DEFAULT_CONFIG) -> argparse.ArgumentParser:
+    """A parser with the entry point's docstring as help, ``--config`` and repeatable ``--set``."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(default_config) if default_config else None,
+                   help=f"YAML preset (default: {default_config.name if default_config else 'see below'})")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, repeatable: --set train.lr=1e-4 --set run.name=my-run")
+    return p
+
+
+def config_or_exit(path: str | Path | None, overrides: list[str]) -> Config:
+    """The loaded config, or every problem on stderr and exit code 2."""
+    try:
+        return load_config(path, overrides)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        raise SystemExit(2) from None
