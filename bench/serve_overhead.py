@@ -1,0 +1,150 @@
+"""Serving benchmarks: HTTP overhead over a direct pipeline call, and throughput with vs without batching.
+
+    python bench/serve_overhead.py                  # tiny base, 4 steps, results on stdout
+    python bench/serve_overhead.py --lora outputs/tiny-lora/lora --requests 80
+
+1. Direct: ``TryOnService`` in this process (prepare -> generate -> finish -> PNG), one request at a
+   time; HTTP: the same request through Ray Serve (proxy -> ingress -> model -> back), one at a time,
+   alternating with the direct calls. Both use one torch thread. Ratio = HTTP / direct (medians).
+2. Throughput at concurrency 8 through two Serve applications, ``max_batch_size`` 4 and 1 (one model
+   replica each), in alternating bursts; ratio of the median bursts.
+
+The figures and the command go to docs/PERFORMANCE.md (## Serving). No test asserts a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import requests
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def example(h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    person = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+    mask = np.zeros((h, w), bool)
+    mask[h // 2: h - h // 10, w // 4: 3 * w // 4] = True
+    garment = np.full((60, 40, 3), (200, 40, 40), np.uint8)
+    return person, garment, mask
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lora", default="", help="LoRA folder (default: the base alone)")
+    ap.add_argument("--requests", type=int, default=40, help="requests per measurement")
+    ap.add_argument("--steps", type=int, default=4)
+    args = ap.parse_args()
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+    import torch
+    from ray import serve
+
+    from catvton.infer.serving import TryOnService, serve_config_from_dict
+    from catvton.infer.request import png_bytes
+    from serve.app import application
+
+    torch.set_num_threads(1)
+    # a LoRA is served with its own training_config.json (base + the alpha it was trained on);
+    # without one, the tiny base alone (no alpha to build)
+    settings = {"config": "configs/tiny.yaml", "lora": [args.lora] if args.lora else [],
+                "overrides": [] if args.lora else ["model.transformer_override=null"],
+                "torch_threads": 1, "max_batch_size": 4}
+    service = TryOnService.load(serve_config_from_dict(settings))
+    H, W = service.cfg.canvas.half_height, service.cfg.canvas.half_width
+    person, garment, mask = example(H, W)
+    n = args.requests
+
+    def direct_once(seed: int) -> None:
+        job = service.prepare(person, garment, mask, "lower", seed, args.steps, None, None)
+        png_bytes(service.finish(job, service.generate([job])[0]))
+
+    files = {"person": png(person), "garment": png(garment), "mask": png(mask.astype(np.uint8) * 255)}
+
+    def http_once(url: str, seed: int) -> float:
+        t0 = time.perf_counter()
+        r = requests.post(f"{url}/v1/tryon", timeout=300, data={"garment_type": "lower", "seed": str(seed),
+                                                                 "steps": str(args.steps)},
+                          files={k: (f"{k}.png", v, "image/png") for k, v in files.items()})
+        assert r.status_code == 200, r.text
+        return time.perf_counter() - t0
+
+    def timed(fn, *a) -> float:
+        t0 = time.perf_counter()
+        fn(*a)
+        return time.perf_counter() - t0
+
+    def burst(url: str) -> float:
+        """Requests per second of ``n`` requests from 8 threads."""
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda i: http_once(url, i), range(n)))
+        return n / (time.perf_counter() - t0)
+
+    # a temp dir of its own: several Ray instances share this machine, /tmp/ray is anyone's
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="rsb", dir="/tmp"), runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled",
+                                                                           "OMP_NUM_THREADS": "1"}})
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # Two applications side by side (batch 4 at /b4, batch 1 at /b1), and the direct calls, measured
+    # in alternation: on a shared, noisy machine, drift then hits both sides of each ratio alike.
+    for batch in (4, 1):
+        serve.run(application({**settings, "max_batch_size": batch},
+                              model_options={"max_ongoing_requests": 8, "max_queued_requests": 64}),
+                  name=f"b{batch}", route_prefix=f"/b{batch}")
+    try:
+        direct_once(0), http_once(f"{base}/b4", 0), http_once(f"{base}/b1", 0)  # warm-up
+        direct_t, http_t = [], []
+        for i in range(n):
+            direct_t.append(timed(direct_once, i))
+            http_t.append(http_once(f"{base}/b4", i))
+        rps: dict[int, list[float]] = {4: [], 1: []}
+        for _ in range(3):
+            for batch in (4, 1):
+                rps[batch].append(burst(f"{base}/b{batch}"))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    direct, http = statistics.median(direct_t), statistics.median(http_t)
+    out = {"http": http, "rps_batch4": statistics.median(rps[4]), "rps_batch1": statistics.median(rps[1])}
+
+    print(f"\ntiny base{' + alpha + LoRA ' + args.lora if args.lora else ''}, {H}x{W} per half, {args.steps} steps, 1 torch thread")
+    print("| measurement | value |")
+    print("|---|---:|")
+    print(f"| direct call (prepare, generate, paste back, PNG), median of {n} | {direct * 1000:.0f} ms |")
+    print(f"| HTTP through Serve, one at a time, median of {n} | {out['http'] * 1000:.0f} ms |")
+    print(f"| **HTTP / direct** | **{out['http'] / direct:.2f}x** (+{(out['http'] - direct) * 1000:.0f} ms) |")
+    print(f"| throughput at concurrency 8, max_batch_size 4 (median of 3 bursts of {n}) | {out['rps_batch4']:.2f} req/s |")
+    print(f"| throughput at concurrency 8, max_batch_size 1 (median of 3 bursts of {n}) | {out['rps_batch1']:.2f} req/s |")
+    print(f"| **batching 4 / 1** | **{out['rps_batch4'] / out['rps_batch1']:.2f}x** |")
+
+
+if __name__ == "__main__":
+    main()
