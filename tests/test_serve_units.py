@@ -18,7 +18,7 @@ from catvton.data.canvas import build_sample, to_uint8
 from catvton.data.masks import general_mask
 from catvton.infer.request import (ImageLimits, InputError, decode_image, decode_mask, parse_size, request_sample,
                                    to_person_size)
-from catvton.infer.serving import ServeConfig, TryOnService, serve_config_from_dict
+from catvton.infer.serving import ServeConfig, TryOnService, pick_lora, refuse_pickles, serve_config_from_dict
 
 LIMITS = ImageLimits(min_side=16, max_side=4096, max_pixels=4_000_000)
 
@@ -178,3 +178,18 @@ def test_auth_and_body_limit_without_ray():
                             "mask": ("m.png", png(m), "image/png")}, data={"garment_type": "lower"})
     assert ok.status_code == 200 and ok.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(ok.content)).size == (90, 120)
+
+
+def test_only_safetensors_are_loaded(tmp_path):
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    (lora / "adapter_model.bin").write_bytes(b"pickle")
+    with pytest.raises(ConfigError, match="only safetensors"):
+        pick_lora(ServeConfig(lora=[str(tmp_path / "missing"), str(lora)]))
+    (lora / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    assert pick_lora(ServeConfig(lora=[str(tmp_path / "missing"), str(lora)])) == lora
+    base = tmp_path / "base"
+    (base / "transformer").mkdir(parents=True)
+    (base / "transformer" / "diffusion_pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(ConfigError, match="pickled weights"):
+        refuse_pickles(base, "model")

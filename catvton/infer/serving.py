@@ -131,19 +131,20 @@ def validate_serve(s: ServeConfig) -> list[str]:
 
 
 def pick_lora(s: ServeConfig) -> Path | None:
-    """The first existing LoRA folder; refuses one without safetensors weights or with pickles."""
+    """The first existing LoRA folder; refuses one without safetensors weights. Other files in it
+    (a checkpoint's ``training_state.pt``) are never read: diffusers takes the safetensors file first."""
     for f in s.lora:
         path = _path(f)
         if path.is_dir():
             if not (path / LORA_WEIGHTS).is_file():
                 raise ConfigError([f"lora folder {path} has no {LORA_WEIGHTS} (only safetensors are loaded)"])
-            refuse_pickles(path, "lora")
             return path
     return None
 
 
 def refuse_pickles(folder: Path, what: str) -> None:
-    """Pickled weights can run code when loaded: a local folder holding any is refused."""
+    """Pickled weights can run code when loaded, and ``from_pretrained`` falls back to them where a
+    safetensors file is missing: a local model folder holding any is refused."""
     found = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES]
     if found:
         raise ConfigError([f"{what} folder {folder} holds pickled weights {found[:3]}: only safetensors are "
