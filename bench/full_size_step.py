@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import math
 import resource
@@ -165,6 +166,7 @@ def peak_memory(device) -> float:
 
 
 def reset_memory(device) -> None:
+    gc.collect()  # peft and diffusers modules hold reference cycles: free the last row's 24 GB now
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
@@ -254,20 +256,24 @@ def add_plan(row: dict, shape: Shape, gpu: str | None) -> dict:
     if shape.tiny:
         return row
     p = P.plan(shape.half_width, shape.half_height, row["batch"], rank=16, targets="attention+ff",
-               gradient_checkpointing=row["checkpointing"] or row.get("keep_blocks") is not None,
-               gpu=gpu or "H100")
-    tensors = p.peak_bytes - p.context_bytes  # the planner's peak minus CUDA context = what torch allocates
-    row["predicted_peak_bytes"] = p.peak_bytes
-    row["predicted_fits"] = p.fits
+               gradient_checkpointing=row["checkpointing"], gpu=gpu or "H100")
+    predicted, recompute = p.peak_bytes, p.flops_recompute
+    if row.get("recomputed_blocks") is not None:  # partial checkpointing: interpolate per block
+        blocks = 57
+        kept = blocks - row["recomputed_blocks"]
+        predicted += kept * (p.activations_no_ckpt_bytes - p.activations_ckpt_bytes) / blocks
+        recompute *= row["recomputed_blocks"] / blocks
+    tensors = predicted - p.context_bytes  # the planner's peak minus CUDA context = what torch allocates
+    row["predicted_peak_bytes"] = predicted
+    row["predicted_fits"] = predicted <= P.GPUS[gpu or "H100"].memory_bytes
     if not row["oom"]:
         row["prediction_error"] = row["peak_bytes"] / tensors - 1.0
         if gpu is not None:
             peak = P.GPUS[gpu].bf16_flops
             model_flops = p.flops_forward + p.flops_backward
             row["mfu"] = model_flops / row["sec_per_step"] / peak
-            row["hfu"] = (model_flops + p.flops_recompute * (row["checkpointing"] or row.get("keep_blocks") is not None)) \
-                / row["sec_per_step"] / peak
-            row["floor_sec_per_sample"] = p.seconds_per_sample
+            row["hfu"] = (model_flops + recompute) / row["sec_per_step"] / peak
+            row["floor_sec_per_sample"] = (model_flops + recompute) / row["batch"] / peak
     return row
 
 

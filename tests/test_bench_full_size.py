@@ -104,6 +104,12 @@ def test_reported_mfu_and_prediction_error_are_the_planners():
     assert row["mfu"] < row["hfu"] and row["predicted_fits"] is True
     oom = B.add_plan({"batch": 2, "checkpointing": False, "oom": True, "peak_bytes": 0.0}, B.FULL, "L40S")
     assert oom["predicted_fits"] is False and "mfu" not in oom
+    # partial checkpointing interpolates per block: keeping every block is the no-checkpointing plan
+    off = P.plan(768, 1024, 1, rank=16, targets="attention+ff", gradient_checkpointing=False, gpu="H100")
+    keep_all = B.add_plan({"batch": 1, "checkpointing": True, "recomputed_blocks": 0, "oom": False,
+                           "sec_per_step": 1.0, "peak_bytes": 1.0}, B.FULL, "H100")
+    assert math.isclose(keep_all["predicted_peak_bytes"], off.peak_bytes)
+    assert math.isclose(keep_all["hfu"], keep_all["mfu"])  # nothing recomputed
 
 
 def test_full_size_on_cpu_is_refused_with_a_pointer_to_tiny(capsys):
