@@ -16,7 +16,8 @@ the planner says the memory allows.
     python bench/full_size_step.py --rows base --no-tryon                     # the four base rows only
     python bench/full_size_step.py --tiny --device cpu                        # tiny shape on CPU (the test)
 
-Rows that run out of memory are recorded as OOM, not skipped. Results go to docs/PERFORMANCE.md
+Rows that run out of memory are recorded as OOM, a lever the card cannot run (an SDPA kernel
+it lacks) as ERROR with the message; neither stops the other rows. Results go to docs/PERFORMANCE.md
 with the card's name (printed). No timing is asserted anywhere.
 """
 
@@ -243,6 +244,8 @@ def time_row(shape: Shape, device, dtype, batch: int, checkpointing: bool, steps
                    loss=losses[-1], steps_timed=len(times), oom=False)
     except torch.OutOfMemoryError:
         row.update(oom=True, peak_bytes=peak_memory(device))
+    except RuntimeError as e:  # e.g. "No available kernel" for an SDPA backend this card lacks
+        row.update(oom=False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
     finally:
         del model
         reset_memory(device)
@@ -253,7 +256,7 @@ def add_plan(row: dict, shape: Shape, gpu: str | None) -> dict:
     """Planner figures for the row (full size only): prediction error and MFU/HFU."""
     from catvton.train import planner as P
 
-    if shape.tiny:
+    if shape.tiny or row.get("error"):
         return row
     p = P.plan(shape.half_width, shape.half_height, row["batch"], rank=16, targets="attention+ff",
                gradient_checkpointing=row["checkpointing"], gpu=gpu or "H100")
@@ -363,6 +366,8 @@ def format_row(r: dict) -> str:
     lever = (f"sdpa={r['sdpa']}" if r["sdpa"] != "default" else "") + (" compile" if r["compile"] else "") + \
         (f" keep_blocks={r['keep_blocks']}" if r.get("keep_blocks") is not None else "")
     head = f"batch {r['batch']} ckpt {'on ' if r['checkpointing'] else 'off'} {lever.strip() or 'baseline':<22}"
+    if r.get("error"):
+        return f"{head} ERROR {r['error']}"
     if r["oom"]:
         return f"{head} OOM (predicted peak {r.get('predicted_peak_bytes', math.nan) / 1e9:.1f} GB)"
     extra = ""

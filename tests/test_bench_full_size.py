@@ -72,6 +72,14 @@ def test_every_row_kind_runs_the_real_step_at_tiny_size(spec):
     assert "OOM" not in B.format_row(row)
 
 
+def test_a_lever_the_device_cannot_run_is_recorded_not_fatal():
+    row = B.time_row(B.TINY, CPU, torch.float32, batch=1, checkpointing=True, steps=1, warmup=0, sdpa="cudnn")
+    assert row["oom"] is False and "kernel" in row["error"].lower(), row
+    assert "sec_per_step" not in row and "ERROR" in B.format_row(row)
+    planned = B.add_plan(dict(row), B.FULL, "H100")
+    assert "mfu" not in planned and "predicted_peak_bytes" not in planned  # no planner figures for it
+
+
 def test_recompute_wrapper_gives_the_same_gradients():
     torch.manual_seed(0)
     block = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU(), torch.nn.Linear(4, 4))
