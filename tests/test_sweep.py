@@ -20,7 +20,7 @@ STEPS = 150
 SWEEP = [f"train.max_steps={STEPS}", "train.val_every=50", "train.checkpoint_every=150", "tune.grace_period=50",
          "train.val_batches=2", "run.wandb_mode=disabled", "run.samples=2"]
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(3600)]
 
 
 @pytest.fixture(scope="module")

@@ -108,6 +108,7 @@ def fit(cfg: Config, cache_dir: Path, log: Callable[[str], None] = print, dump_d
         datasets={"train": train_ds},
     )
     result = trainer.fit()
+    release_placement_group(out_dir, log)
     if result.error is not None:
         raise result.error
     if (out_dir / STOPPED).is_file():
@@ -134,6 +135,30 @@ def ephemeral_paths_warning(cfg: Config, cwd: Path | None = None) -> str | None:
     return (f"warning: {', '.join(relative)} relative to Ray's temporary copy of the working dir ({cwd}): the LoRA, "
             "curves and checkpoints go away with the Ray session and a rerun cannot resume. Use shared storage, e.g. "
             "--set run.output_dir=/mnt/shared/outputs --set run.storage_path=/mnt/shared/ray (or s3://bucket/ray)")
+
+
+def release_placement_group(out_dir: Path, log: Callable[[str], None] = print) -> bool:
+    """Remove the workers' placement group if it outlived the finished ``fit`` (seen with Ray
+    2.60 inside Tune trials, with several Ray instances on one machine): left alone it keeps its
+    CPUs or GPUs reserved and the next trial waits for them forever. True if one was removed."""
+    from ray.util import placement_group_table
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    from catvton.train.loop import PLACEMENT_GROUP
+
+    marker = out_dir / PLACEMENT_GROUP
+    if not marker.is_file():
+        return False
+    pg_id = marker.read_text().strip()
+    marker.unlink()
+    state = placement_group_table().get(pg_id, {}).get("state")
+    if state in (None, "REMOVED"):
+        return False
+    from ray._raylet import PlacementGroupID
+
+    remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id))))
+    log(f"[catvton] removed placement group {pg_id[:12]} that Ray Train left behind ({state})")
+    return True
 
 
 def run_job(cfg: Config, num_encoders: int = 1, log: Callable[[str], None] = print) -> TrainOutcome:

@@ -27,6 +27,9 @@ from catvton.train import step as S
 STOPPED = "STOPPED.txt"
 """Written to the run folder when the workers stop on a non-finite loss."""
 
+PLACEMENT_GROUP = ".placement_group"
+"""The workers' placement group id, written by rank 0 for the driver."""
+
 
 class NonFiniteLoss(RuntimeError):
     """Raised by the driver when the workers stopped on a NaN or infinite loss."""
@@ -74,6 +77,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     the end), ``log_every`` (steps between metric reports)."""
     import ray.train
     import ray.train.torch
+    import ray.util
     from ray.train import Checkpoint
 
     from catvton.data.encode import decode_batch, load_manifest, load_text_embeds
@@ -107,6 +111,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
 
     tracker = Tracker(run_dir, cfg, enabled=rank == 0)
+    if rank == 0:  # the driver frees it if Ray Train leaves it behind (see job.release_placement_group)
+        pg = ray.util.get_current_placement_group()
+        if pg is not None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / PLACEMENT_GROUP).write_text(pg.id.hex())
     val_batches = load_val_batches(cache, manifest, cfg, device) if rank == 0 else []
     samples = _load_samples(cache) if rank == 0 else None
     last_checkpoint = config.get("last_checkpoint", "")

@@ -91,6 +91,30 @@ def run_trial(params: dict[str, Any]) -> None:
     tune.report({**final, "weights_dir": str(outcome.weights_dir), "run_dir": str(outcome.run_dir)})
 
 
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def _release_callback(trials_dir: Path):
+    """A Tune callback (in the driver) that frees the placement group of a trial's workers once
+    the trial has ended. A trial that ASHA stops is killed with its TorchTrainer, and Ray Train's
+    own clean-up of that group was not reliable here (it left the CPU reserved, and the next trial
+    waited for it forever). Each trial's rank 0 wrote the group's id in its run folder. Built in a
+    function so that Tune can pickle it with the experiment state (no captured loggers)."""
+    from ray import tune
+
+    from catvton.train.job import release_placement_group
+
+    class ReleasePlacementGroups(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            release_placement_group(trials_dir / str(trial), _say)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            release_placement_group(trials_dir / str(trial), _say)
+
+    return ReleasePlacementGroups()
+
+
 def run_sweep(cfg: Config, num_encoders: int = 1, log: Callable[[str], None] = print) -> SweepOutcome:
     """Resolve the models, build (or reuse) the latent cache, run the trials, export the winner."""
     import ray
@@ -124,10 +148,12 @@ def run_sweep(cfg: Config, num_encoders: int = 1, log: Callable[[str], None] = p
         tune_config=tune.TuneConfig(
             metric=cfg.tune.metric, mode="min", num_samples=cfg.tune.num_samples,
             max_concurrent_trials=concurrent,
+            # stop_last_trials=False: a trial that reaches max_t finishes on its own and exports its LoRA
             scheduler=ASHAScheduler(time_attr="step", max_t=t.max_steps, grace_period=cfg.tune.grace_period,
-                                    reduction_factor=cfg.tune.reduction_factor),
+                                    reduction_factor=cfg.tune.reduction_factor, stop_last_trials=False),
         ),
-        run_config=tune.RunConfig(name=cfg.tune.name, storage_path=str(sweep_dir / "tune")),
+        run_config=tune.RunConfig(name=cfg.tune.name, storage_path=str(sweep_dir / "tune"),
+                                  callbacks=[_release_callback(sweep_dir / "trials")]),
     )
     grid = tuner.fit()
     rows = [trial_row(r.metrics or {}, r.config or {}, r.path, r.metrics_dataframe, r.error, cfg)
