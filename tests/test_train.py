@@ -131,6 +131,9 @@ def test_a_worker_failure_is_survived_and_a_rerun_resumes(tmp_path, small_cache)
     assert 6 not in steps or steps.count(6) == 1
     assert all(np.isfinite(h["loss"]) for h in state["history"] if "loss" in h)
     assert (outcome.run_dir / "loss_curve.png").stat().st_size > 5000
+    # restarted from the step-4 checkpoint, not from 0 (which would give the same history)
+    resumes = (outcome.run_dir / "resumes.log").read_text().splitlines()
+    assert resumes == ["resumed from step 4"], resumes
 
     # the same name again: resumes from step 12 instead of starting over
     checkpoints_before = sorted(p.name for p in (tmp_path / "ray" / "faulty").glob("checkpoint_*"))
@@ -138,6 +141,7 @@ def test_a_worker_failure_is_survived_and_a_rerun_resumes(tmp_path, small_cache)
     assert torch.load(again.checkpoint_dir / S.STATE, weights_only=False)["step"] == 12
     checkpoints_after = sorted(p.name for p in (tmp_path / "ray" / "faulty").glob("checkpoint_*"))
     assert checkpoints_after == checkpoints_before, "no new training happened"
+    assert (again.run_dir / "resumes.log").read_text().splitlines()[-1] == "resumed from step 12"
 
 
 @pytest.mark.ray

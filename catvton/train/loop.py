@@ -27,6 +27,9 @@ from catvton.train import step as S
 STOPPED = "STOPPED.txt"
 """Written to the run folder when the workers stop on a non-finite loss."""
 
+RESUMES = "resumes.log"
+"""One line per restart from a checkpoint (a worker failure or a rerun with the same name)."""
+
 PLACEMENT_GROUP = ".placement_group"
 """The workers' placement group id, written by rank 0 for the driver."""
 
@@ -108,6 +111,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             step, history = S.load_checkpoint(Path(d), model, optimizer, scheduler, cfg, generator)
         if rank == 0:
             print(f"[catvton] resumed from step {step} of {total}")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            with open(run_dir / RESUMES, "a") as f:  # the run's own record of where it restarted
+                f.write(f"resumed from step {step}\n")
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
 
     tracker = Tracker(run_dir, cfg, enabled=rank == 0)
