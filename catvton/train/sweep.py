@@ -237,6 +237,7 @@ def plot_sweep(rows: list[dict[str, Any]], metric: str, path: Path, title: str) 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
     ranks = sorted({r["rank"] for r in rows})
@@ -255,6 +256,7 @@ def plot_sweep(rows: list[dict[str, Any]], metric: str, path: Path, title: str) 
         ax.scatter([], [], color=colours[rk], label=f"rank {rk}")
     ax.scatter([], [], facecolors="none", edgecolors="grey", label="stopped early")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on a short range
     ax.set_xlabel("learning rate")
     ax.set_ylabel(f"final {metric}")
     ax.legend(fontsize=8)
