@@ -34,6 +34,7 @@ def _bench():
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # ~15 CPU minutes on 2 shared cores, over the default 900 s
 def test_default_job_learns_lower_body_and_keeps_tops(tmp_path, ray_session):
     bench = _bench()
     result = bench.run_seed(0, str(ROOT / "configs" / "tiny.yaml"),
