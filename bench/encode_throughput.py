@@ -33,12 +33,12 @@ sys.path.insert(0, str(ROOT))
 
 
 def pair_rows(cfg, blocks: int):
-    """The pipeline's stages up to the encoder (as ``catvton.data.encode`` wires them), in
+    """The pipeline's stages up to the encoder (as ``catvton.cache.build`` wires them), in
     ``blocks`` blocks, materialized. An actor pool hands out whole blocks: the grouped pairs come
     out as one block, which would leave the second actor idle."""
     from ray.data.context import ShuffleStrategy
 
-    from catvton.data.encode import PairBuilder
+    from catvton.cache.stages import PairBuilder
     from catvton.data.source import read_rows, resolve_source
     from catvton.data.validate import RowValidator
 
@@ -57,7 +57,7 @@ class _Skip(Exception):
 def encode_rate(pairs, cfg, actors: int, batch_size: int) -> dict:
     from ray.data import ActorPoolStrategy
 
-    from catvton.data.encode import LatentEncoder
+    from catvton.cache.stages import LatentEncoder
 
     n = pairs.count()
     t0 = time.perf_counter()
@@ -93,13 +93,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
+    from catvton.artifacts import MANIFEST
+    from catvton.cache.build import build_latent_cache
     from catvton.config import load_config
-    from catvton.data.encode import build_latent_cache
-    from catvton.model.loading import resolve_base
+    from catvton.offline import resolve
     from catvton.ray_utils import init_ray
 
     cfg = load_config(a.config, [f"data.synthetic_pids={a.pids}", "model.transformer_override=null", *a.set])
-    cfg.model.base = resolve_base(cfg.model.base)  # the tiny base: built once, cached
+    cfg = resolve(cfg)  # the tiny base and the synthetic rows: built once, cached (not timed)
     init_ray()
     cpus = int(ray.cluster_resources().get("CPU", 0))
     result = {"cpus": cpus, "pids": a.pids, "canvas": f"2 x {cfg.canvas.half_width}x{cfg.canvas.half_height}"}
@@ -108,14 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.no_end_to_end:
             raise _Skip
-        # The synthetic rows themselves are cached (built on first use): build them before timing.
-        from catvton.data.source import resolve_source
-
-        resolve_source(cfg.data)
         t0 = time.perf_counter()
         cache = build_latent_cache(cfg, num_encoders=1, progress=False, cache_root=root, log=lambda s: None)
         wall = time.perf_counter() - t0
-        manifest = json.loads((cache / "manifest.json").read_text())
+        manifest = json.loads((cache / MANIFEST).read_text())
         pairs = sum(manifest["pairs"].values())
         result["end_to_end"] = {"rows": manifest["rows"]["total"], "pairs": pairs, "seconds": round(wall, 1),
                                 "rows_per_s": round(manifest["rows"]["total"] / wall, 2),

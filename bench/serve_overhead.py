@@ -67,6 +67,7 @@ def main() -> None:
     from ray import serve
 
     from catvton.infer.serving import TryOnService, serve_config_from_dict
+    from catvton.offline import resolve
     from catvton.infer.request import png_bytes
     from serve.app import application
 
@@ -76,7 +77,7 @@ def main() -> None:
     settings = {"config": "configs/tiny.yaml", "lora": [args.lora] if args.lora else [],
                 "overrides": [] if args.lora else ["model.transformer_override=null"],
                 "torch_threads": 1, "max_batch_size": 4}
-    service = TryOnService.load(serve_config_from_dict(settings))
+    service = TryOnService.load(serve_config_from_dict(settings), prepare=resolve)
     H, W = service.cfg.canvas.half_height, service.cfg.canvas.half_width
     person, garment, mask = example(H, W)
     n = args.requests

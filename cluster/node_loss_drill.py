@@ -15,7 +15,7 @@ worker group, each worker loads the last checkpoint, and the run ends at ``train
 The test ``tests/test_multinode.py`` runs this file in a subprocess (a Ray driver can only
 connect to one cluster per process) and asserts on the JSON and the checkpoints.
 
-Needs the tiny base in the cache (built by the first test run or ``python -m catvton.model.tiny``);
+Needs the tiny base in the cache (built here on first use through ``catvton.offline.resolve``);
 the small latent cache (40 synthetic items) is built into ``$CATVTON_CACHE`` on the first run.
 """
 
@@ -119,9 +119,10 @@ def run_drill(work: Path, steps: int, checkpoint_every: int, kill_after_step: in
     import ray
     from ray.cluster_utils import Cluster
 
+    from catvton.artifacts import load_training_state
+    from catvton.cache.build import build_latent_cache
     from catvton.config import load_config
-    from catvton.data.encode import build_latent_cache
-    from catvton.model.loading import resolve_base
+    from catvton.offline import resolve
     from catvton.ray_utils import init_ray
     from catvton.train.job import fit
 
@@ -131,7 +132,7 @@ def run_drill(work: Path, steps: int, checkpoint_every: int, kill_after_step: in
         f"train.checkpoint_every={checkpoint_every}", f"train.val_every={checkpoint_every}", "train.val_batches=1",
         "train.max_failures=3", f"run.name={name}", f"run.storage_path={work / 'storage'}",
         f"run.output_dir={work / 'out'}", "run.wandb_mode=disabled"])
-    cfg.model.base = resolve_base("tiny")
+    cfg = resolve(cfg)  # the tiny base and the synthetic rows (no alpha: SMALL sets no override)
 
     # Two logical CPUs a node and two a training worker: no node holds both workers, so they span
     # nodes whatever Ray's PACK placement picks, and a node's CPUs stay free for Ray Data tasks.
@@ -172,7 +173,7 @@ def run_drill(work: Path, steps: int, checkpoint_every: int, kill_after_step: in
 
     import torch
 
-    state = torch.load(outcome.checkpoint_dir / "training_state.pt", weights_only=False)
+    state = load_training_state(outcome.checkpoint_dir)
     # The loop prints this line on rank 0 when it starts from a checkpoint; workers' output lands
     # in the session's log files (the drill's private RAY_TMPDIR, so no other Ray's logs).
     resumed = sorted({int(m) for f in Path(os.environ["RAY_TMPDIR"]).glob("ray/session_*/logs/worker-*.out")

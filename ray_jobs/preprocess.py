@@ -35,13 +35,16 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = config_or_exit(args.config, args.set)
 
-    from catvton.data.encode import build_latent_cache, load_manifest
+    from catvton.cache.build import build_latent_cache
+    from catvton.cache.read import load_manifest
+    from catvton.offline import resolve
     from catvton.ray_utils import init_ray
 
     if args.encoders < 1 or args.batch_size < 1:
         print("--encoders and --batch-size must be at least 1", file=sys.stderr)
         return 2
     init_ray()
+    cfg = resolve(cfg)  # offline names -> cached folders, built once
     folder = build_latent_cache(cfg, num_encoders=args.encoders, use_gpu=args.gpu, batch_size=args.batch_size)
     m = load_manifest(folder)
     print("\n== latent cache ==")

@@ -33,10 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cfg = config_or_exit(args.config, args.set)
 
+    from catvton.offline import resolve
     from catvton.ray_utils import init_ray
     from catvton.train.job import run_job, summary_lines
 
     init_ray()
+    cfg = resolve(cfg)  # offline names (tiny, tiny-alpha, synthetic) -> cached folders, built once
     outcome = run_job(cfg, num_encoders=args.encoders)
     print("\n== training finished ==")
     print("\n".join(summary_lines(outcome)))

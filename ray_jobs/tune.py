@@ -32,10 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cfg = config_or_exit(args.config, args.set)
 
+    from catvton.offline import resolve
     from catvton.ray_utils import init_ray
     from catvton.train.sweep import run_sweep
 
     init_ray()
+    cfg = resolve(cfg)  # offline names -> cached folders, built once
     out = run_sweep(cfg, num_encoders=args.encoders)
     metric = cfg.tune.metric
     print("\n== sweep finished ==")

@@ -36,6 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from catvton.infer.request import InputError, decode_image, decode_mask, parse_size, png_bytes
 from catvton.infer.serving import ServeConfig, TryOnService, serve_config_from_dict
+from catvton.offline import resolve
 
 log = logging.getLogger("ray.serve")
 PAGE = Path(__file__).with_name("page.html")
@@ -267,7 +268,8 @@ class TryOnModel:
 
     def __init__(self, settings: dict[str, Any]):
         self.settings = serve_config_from_dict(settings)
-        self.service = TryOnService.load(self.settings)
+        # offline names (tiny, tiny-alpha) become cached folders; hub ids and folders pass through
+        self.service = TryOnService.load(self.settings, prepare=resolve)
         self.generate_batch.set_max_batch_size(self.settings.max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
         self.batches: list[int] = []  # sizes of recent batches, for /v1/info and the benchmark

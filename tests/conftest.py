@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,18 @@ from PIL import Image
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(*overrides: str, models: bool = True):
+    """``configs/tiny.yaml`` + overrides, resolved as the entry points resolve it: the synthetic set,
+    the tiny base (and the alpha when the config still names it) built once into the cache."""
+    from catvton.config import load_config
+    from catvton.offline import resolve
+
+    return resolve(load_config(ROOT / "configs" / "tiny.yaml", list(overrides)), log=lambda _: None, models=models)
 
 
 def png_cell(arr: np.ndarray, mode: str | None = None) -> dict:

@@ -1,4 +1,4 @@
-"""The one base-model interface (catvton.model.loading) and the tiny offline base (catvton.model.tiny).
+"""The one base-model interface (catvton.model.loading) and the tiny offline base (catvton.offline.tiny_base).
 
 Fast structure checks run on a base built with a 5-step VAE into a temporary folder; the VAE
 quality check uses the real cached tiny base (``ensure_tiny_base``: built once, about 3 CPU
@@ -18,8 +18,14 @@ from diffusers import AutoencoderKL, FluxFillPipeline, FluxTransformer2DModel
 from PIL import Image
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
-from catvton.model import loading, tiny
+from catvton import artifacts
+from catvton.config import load_config
+from catvton.model import loading
 from catvton.model.loading import BaseModelError
+from catvton.offline import resolve
+from catvton.offline import tiny_base as tiny
+
+ROOT = Path(__file__).resolve().parents[1]
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 
@@ -185,6 +191,22 @@ def test_missing_base_folder_explains_the_layout(tmp_path):
         loading.load_transformer("unused", override=str(tmp_path / "empty"))
 
 
+def test_offline_names_are_refused_by_the_library_and_resolved_by_offline():
+    """The library never builds offline models: an unresolved ``tiny`` is an error naming the fix,
+    and :func:`catvton.offline.resolve` turns it into the cached folder."""
+    for call in (lambda: loading.resolve_base("tiny"), lambda: loading.load_transformer("tiny"),
+                 lambda: loading.load_transformer(str(Path("/nowhere")), override="tiny-alpha")):
+        with pytest.raises(BaseModelError, match="catvton.offline.resolve"):
+            call()
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["model.transformer_override=null"])
+    resolved = resolve(cfg, log=lambda _: None)
+    assert resolved.model.base == str(tiny.ensure_tiny_base()) and Path(resolved.model.base).is_dir()
+    assert resolved.data.source == "synthetic" and cfg.model.base == "tiny"  # a copy; the data keeps its name
+    assert resolve(resolved, log=lambda _: None).to_dict() == resolved.to_dict()  # resolving twice changes nothing
+    prod = load_config(ROOT / "configs" / "l40s.yaml")
+    assert resolve(prod, log=lambda _: None).to_dict() == prod.to_dict()  # hub ids pass through
+
+
 def test_hub_ids_pass_through_unchanged():
     assert loading.resolve_base("black-forest-labs/FLUX.1-Fill-dev") == "black-forest-labs/FLUX.1-Fill-dev"
 
@@ -236,8 +258,11 @@ def test_ensure_tiny_base_crash_leaves_nothing_half_built(tmp_path, monkeypatch)
 
 
 def test_cache_root_from_environment(tmp_path, monkeypatch):
-    monkeypatch.setenv(tiny.CACHE_ENV, str(tmp_path))
-    assert tiny.default_cache_root() == tmp_path
+    monkeypatch.setenv("CATVTON_CACHE", str(tmp_path))
+    assert artifacts.cache_root() == tmp_path
+    monkeypatch.delenv("CATVTON_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert artifacts.cache_root() == tmp_path / "home" / ".cache" / "catvton"
     assert tiny.tiny_base_key(0) != tiny.tiny_base_key(1) != tiny.tiny_base_key(0, vae_steps=5)
 
 
@@ -269,8 +294,7 @@ def _psnr(vae, images: list[torch.Tensor]) -> float:
 
 def test_tiny_vae_reconstructs_heldout_images(tiny_base):
     info = json.loads((tiny_base / "tiny_base.json").read_text())
-    assert loading.resolve_base("tiny") == str(tiny_base)
-    vae = loading.load_vae("tiny")
+    vae = loading.load_vae(str(tiny_base))
     _, heldout = tiny.vae_image_sets(info["synthetic_pids"], info["seed"])
     images = heldout[:32]
     assert len(images) >= 16
@@ -289,6 +313,6 @@ def test_tiny_vae_reconstructs_heldout_images(tiny_base):
 
 
 def test_tiny_base_fill_runs(tiny_base):
-    pipe = loading.load_pipeline("tiny")
+    pipe = loading.load_pipeline(str(tiny_base))
     out = _fill(pipe)
     assert out.shape == (128, 192, 3)

@@ -1,6 +1,6 @@
 import pytest
 
-from catvton.data.schema import CLOTH_TYPE_GROUP, COLUMNS, cloth_group, parse_pose
+from catvton.schema import CLOTH_TYPE_GROUP, COLUMNS, cloth_group, parse_pose
 
 
 def test_seventeen_cloth_types_in_three_groups():

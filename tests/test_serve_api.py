@@ -21,9 +21,12 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image
+from conftest import tiny_config
 from serve_helpers import png, png_header_only
 
+from catvton.artifacts import METRICS, TRAINING_CONFIG
 from catvton.config import load_config
+from catvton.offline.tiny_base import ensure_tiny_base
 from catvton.data.canvas import build_sample, to_uint8
 from catvton.data.masks import general_mask
 
@@ -60,15 +63,16 @@ GARMENT = np.full((60, 40, 3), (200, 40, 40), np.uint8)
 
 @pytest.fixture(scope="module")
 def cfg():
-    return load_config(ROOT / "configs/tiny.yaml", OVERRIDES)
+    return tiny_config(*OVERRIDES)  # the tiny base resolved to its cached folder
 
 
 @pytest.fixture(scope="module")
 def lora_dir(cfg, tmp_path_factory):
-    """A LoRA in the training format (catvton.train.step.save_weights) with random non-zero B."""
+    """A LoRA in the training format (catvton.train.checkpoint.save_weights) with random non-zero B."""
     import torch
 
-    from catvton.train.step import build_transformer, save_weights
+    from catvton.train.checkpoint import save_weights
+    from catvton.train.engine import build_transformer
 
     torch.set_num_threads(1)
     folder = tmp_path_factory.mktemp("release")
@@ -79,8 +83,10 @@ def lora_dir(cfg, tmp_path_factory):
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
     save_weights(model, folder, cfg)
-    (folder / "training_config.json").write_text(json.dumps(cfg.to_dict()))
-    (folder / "metrics.json").write_text(json.dumps({"lower_psnr": 21.5, "val_loss": 0.123}))
+    # the config as a user writes it ("base: tiny"): the Serve app resolves it like every entry point
+    unresolved = load_config(ROOT / "configs/tiny.yaml", OVERRIDES)
+    (folder / TRAINING_CONFIG).write_text(json.dumps(unresolved.to_dict()))
+    (folder / METRICS).write_text(json.dumps({"lower_psnr": 21.5, "val_loss": 0.123}))
     return folder
 
 
@@ -160,7 +166,7 @@ def test_info_names_base_lora_and_its_metrics(server, lora_dir):
     info = requests.get(f"{server}/v1/info", headers=AUTH, timeout=30).json()
     assert info["lora"] == str(lora_dir)
     assert info["metrics"] == {"lower_psnr": 21.5, "val_loss": 0.123}
-    assert info["base"] == "tiny" and info["transformer_override"] is None
+    assert info["base"] == str(ensure_tiny_base()) and info["transformer_override"] is None  # "tiny", resolved
     assert info["auto_mask"] is True and info["auth"] is True
     assert info["limits"]["max_body_mb"] == MAX_BODY_MB
 
@@ -214,8 +220,12 @@ def test_lora_output_equals_the_evaluation_pipeline_and_differs_from_the_base(se
     base = TryOn.load(cfg).fill_canvases(s.canvas[None], s.mask_canvas[None], seed=11)
     assert np.array_equal(api, to_uint8(tuned[0][:, W:])), "the API is the evaluation pipeline"
     m = s.mask_canvas[:, W:].astype(bool)
-    diff = np.abs(to_uint8(tuned[0][:, W:]).astype(int) - to_uint8(base[0][:, W:]).astype(int))[m].mean()
-    assert diff > 2.0, f"the LoRA changes the output (mean |diff| {diff:.2f} in the mask)"
+    diff = np.abs(to_uint8(tuned[0][:, W:]).astype(int) - to_uint8(base[0][:, W:]).astype(int))
+    # Same seed, same pipeline: without the LoRA the two are identical (0 everywhere), so any
+    # clear change inside the mask is the LoRA's. Its size depends on the tiny base the machine
+    # built (1.6-2.5 grey levels seen), hence a bound from the guarantee, not from one build.
+    assert diff[~m].max() <= 1, "outside the mask both are the input, pasted back"
+    assert diff[m].mean() > 0.5, f"the LoRA changes the output (mean |diff| {diff[m].mean():.2f} in the mask)"
 
 
 def test_auto_mask_from_the_parser(server):

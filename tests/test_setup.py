@@ -87,7 +87,7 @@ def planted_rows() -> tuple[list[dict], int]:
 
 
 def test_setup_on_a_folder_with_planted_bad_rows(tmp_path, ray_session):
-    from catvton.data.synthetic import write_dataset
+    from catvton.offline.synthetic import write_dataset
     from easy_train import app
 
     extra, n_odd = planted_rows()

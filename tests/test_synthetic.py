@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from catvton.data import synthetic as syn
-from catvton.data.schema import CLOTH_TYPE_GROUP, COLUMNS, IMAGE_COLUMNS, TEXT_COLUMNS, parse_pose
+from catvton.offline import synthetic as syn
+from catvton.schema import CLOTH_TYPE_GROUP, COLUMNS, IMAGE_COLUMNS, TEXT_COLUMNS, parse_pose
 
 NUM_PIDS, SIZE, SEED = 12, 96, 0
 IMAGE_CELL = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
@@ -240,7 +240,7 @@ def test_ensure_synthetic_dataset_builds_once(tmp_path) -> None:
     stamp = [p.stat().st_mtime_ns for p in shards]
     assert syn.ensure_synthetic_dataset(tmp_path, 3, 64, 5) == folder
     assert [p.stat().st_mtime_ns for p in shards] == stamp  # reused, not rewritten
-    assert [p.name for p in tmp_path.iterdir()] == [folder.name]  # no temp folder left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name, f"{folder.name}.lock"]  # no temp folder left
 
 
 def test_cli(tmp_path, capsys) -> None:

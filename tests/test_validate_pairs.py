@@ -93,7 +93,7 @@ def test_validator_stage_counts_every_row_and_keeps_no_pixels_by_default():
 
 
 def meta(pid, pose, cloth_type="Pants", valid=True):
-    from catvton.data.schema import cloth_group, parse_pose
+    from catvton.schema import cloth_group, parse_pose
 
     p = parse_pose(pose)
     return {"pid": pid, "pose": pose, "cloth_type": cloth_type, "valid": valid,

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 from catvton.config import Config
 from catvton.data.canvas import build_sample, fit_box, to_uint8
 from catvton.data.pairs import SPLITS, Pair, make_pairs
-from catvton.data.schema import GROUPS
+from catvton.schema import GROUPS
 from catvton.data.validate import decode, to_mask, to_rgb
 
 T5_TOKENS, T5_DIM, CLIP_DIM = 512, 4096, 768

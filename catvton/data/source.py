@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from catvton.artifacts import cache_root, synthetic_dir
 from catvton.config import DataConfig
-from catvton.data.schema import COLUMNS
+from catvton.schema import COLUMNS
 
 SYNTHETIC = "synthetic"
 
@@ -34,13 +35,17 @@ def _local_files(folder: Path) -> list[str]:
 
 
 def resolve_source(cfg: DataConfig) -> Source:
-    """Find the parquet files of ``cfg.source``; builds the synthetic set once if asked for it."""
+    """Find the parquet files of ``cfg.source``. The synthetic set must have been built (entry
+    points do it through :func:`catvton.offline.resolve`); this module only reads it."""
     if cfg.source == SYNTHETIC:
-        from catvton.data.synthetic import ensure_synthetic_dataset
-        from catvton.paths import cache_root
-
-        folder = ensure_synthetic_dataset(cache_root(), cfg.synthetic_pids, cfg.synthetic_image_size, cfg.seed)
-        return Source(SYNTHETIC, _local_files(folder))
+        folder = synthetic_dir(cache_root(), cfg.synthetic_pids, cfg.synthetic_image_size, cfg.seed)
+        files = _local_files(folder)
+        if not files:
+            raise FileNotFoundError(
+                f"the synthetic set {folder} is not built: entry points build it with catvton.offline.resolve(cfg); "
+                f"by hand: python -m catvton.offline.synthetic --out {folder} --pids {cfg.synthetic_pids} "
+                f"--size {cfg.synthetic_image_size} --seed {cfg.seed}")
+        return Source(SYNTHETIC, files)
     local = Path(cfg.source).expanduser()
     if local.exists():
         files = _local_files(local)

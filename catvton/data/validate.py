@@ -16,7 +16,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from catvton.config import DataConfig
-from catvton.data.schema import cloth_group, parse_pose
+from catvton.data.pairs import pid_unit
+from catvton.schema import cloth_group, parse_pose
 
 # The reasons a row is rejected, in the order they are checked. Keys of ``bad_rows``.
 MISSING_IMAGE = "missing_image"
@@ -56,6 +57,13 @@ def cell_bytes(cell: Any) -> bytes | None:
     if isinstance(cell, (bytes, bytearray, memoryview)):
         return bytes(cell) or None
     return None
+
+
+def png_bytes(img: np.ndarray, compress_level: int = 6) -> bytes:
+    """``(h, w, 3)`` uint8 -> PNG bytes (lossless; level 1 is ~3x faster for ~10% more bytes)."""
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
 
 
 def decode(cell: Any) -> Image.Image:
@@ -176,8 +184,6 @@ class RowValidator:
         self.sample_rate = sample_rate
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from catvton.data.pairs import pid_unit
-
         n = len(batch["pid"])
         out: dict[str, list] = {k: [] for k in META_COLUMNS}
         checks: list[dict] = []

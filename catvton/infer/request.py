@@ -27,7 +27,7 @@ from PIL import Image, UnidentifiedImageError
 from catvton.config import CanvasConfig, Config
 from catvton.data.canvas import TryOnSample, build_sample, fit_box, to_uint8
 from catvton.data.masks import general_mask
-from catvton.data.validate import to_mask, to_rgb
+from catvton.data.validate import png_bytes, to_mask, to_rgb  # noqa: F401 (png_bytes: the API's encoder)
 
 SIZE_RE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 
@@ -160,8 +160,3 @@ def to_person_size(result: np.ndarray, person: np.ndarray, garment_mask: np.ndar
     return np.where(general[..., None], generated, person)
 
 
-def png_bytes(img: np.ndarray) -> bytes:
-    """``(h, w, 3)`` uint8 -> PNG bytes."""
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    return buf.getvalue()

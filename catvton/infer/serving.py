@@ -20,15 +20,17 @@ import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from catvton.config import Config, ConfigError, _apply, config_from_dict, load_config
-from catvton.data.schema import GROUPS
+from catvton.artifacts import LORA_WEIGHTS, METRICS, TRAINING_CONFIG
+from catvton.config import Config, ConfigError, apply_mapping, apply_overrides, config_from_dict, load_config
+from catvton.infer.automask import AutoMasker
 from catvton.infer.request import ImageLimits, InputError, request_sample, to_person_size
+from catvton.infer.tryon import TryOn
+from catvton.schema import GROUPS
 
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 API_KEY_ENV = "TRYON_API_KEY"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -104,7 +106,7 @@ def serve_config_from_dict(d: dict[str, Any] | None) -> ServeConfig:
             if bad:
                 problems.append(f"parser_labels has {bad}: groups are {list(GROUPS)}")
             s.parser_labels = {g: [str(n) for n in v] for g, v in labels.items()}
-    _apply(s, d, "", problems)
+    apply_mapping(s, d, "", problems)
     if not problems:
         problems = validate_serve(s)
     if problems:
@@ -153,16 +155,9 @@ def refuse_pickles(folder: Path, what: str) -> None:
 
 def model_config(s: ServeConfig, lora: Path | None) -> Config:
     """The LoRA's own training config when it has one, else ``s.config``; overrides on top."""
-    if lora is not None and (lora / "training_config.json").is_file():
-        cfg = config_from_dict(json.loads((lora / "training_config.json").read_text()))
-        if s.overrides:
-            from catvton.config import _dotted_to_nested
-
-            problems: list[str] = []
-            _apply(cfg, _dotted_to_nested(list(s.overrides), problems), "", problems)
-            if problems:
-                raise ConfigError(problems)
-        return cfg
+    if lora is not None and (lora / TRAINING_CONFIG).is_file():
+        cfg = config_from_dict(json.loads((lora / TRAINING_CONFIG).read_text()))
+        return apply_overrides(cfg, list(s.overrides)) if s.overrides else cfg
     return load_config(_path(s.config), s.overrides)
 
 
@@ -202,19 +197,18 @@ class TryOnService:
         self.masker = masker
 
     @classmethod
-    def load(cls, settings: ServeConfig) -> "TryOnService":
+    def load(cls, settings: ServeConfig, prepare: Callable[[Config], Config] | None = None) -> "TryOnService":
+        """Load the models of ``settings``. ``prepare`` turns the model config into one that names
+        concrete folders or hub ids (the Serve app passes :func:`catvton.offline.resolve`, so the
+        offline names ``tiny`` / ``tiny-alpha`` work; this library never builds them itself)."""
         import torch
-
-        from catvton.infer.tryon import TryOn
 
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         lora = pick_lora(settings)
         cfg = model_config(settings, lora)
-        if cfg.model.transformer_override == "tiny-alpha":
-            from catvton.train.job import resolve_models
-
-            cfg = resolve_models(cfg)
+        if prepare is not None:
+            cfg = prepare(cfg)
         for ref in (cfg.model.base, cfg.model.transformer_override, settings.parser):
             if ref and Path(ref).expanduser().is_dir():
                 refuse_pickles(Path(ref).expanduser(), "model")
@@ -224,8 +218,6 @@ class TryOnService:
         tryon = TryOn.load(cfg, lora=lora, device=device, dtype=dtype)
         masker = None
         if settings.parser:
-            from catvton.infer.automask import AutoMasker
-
             parser = str(_path(settings.parser)) if _path(settings.parser).exists() else settings.parser
             masker = AutoMasker.load(parser, settings.parser_labels or None, device=device)
         return cls(settings, cfg, tryon, lora, masker)
@@ -233,8 +225,8 @@ class TryOnService:
     def info(self) -> dict[str, Any]:
         """What is loaded: base, override, LoRA and its metrics, canvas, limits."""
         metrics = None
-        if self.lora is not None and (self.lora / "metrics.json").is_file():
-            metrics = json.loads((self.lora / "metrics.json").read_text())
+        if self.lora is not None and (self.lora / METRICS).is_file():
+            metrics = json.loads((self.lora / METRICS).read_text())
         c = self.cfg
         return {
             "base": c.model.base, "transformer_override": c.model.transformer_override,

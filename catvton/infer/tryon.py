@@ -19,6 +19,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from catvton.config import Config
+from catvton.data.canvas import to_uint8
+from catvton.model.loading import load_pipeline, resolve_base
 
 
 class TryOn:
@@ -34,8 +36,6 @@ class TryOn:
     def load(cls, cfg: Config, lora: str | Path | None = None, device: str = "cpu",
              dtype: torch.dtype = torch.float32) -> "TryOn":
         """Base (+ transformer override) from the config, plus a LoRA folder if given."""
-        from catvton.model.loading import load_pipeline
-
         pipe = load_pipeline(cfg.model.base, cfg.model.transformer_override, torch_dtype=dtype, device=device)
         if lora is not None:
             pipe.load_lora_weights(str(lora))
@@ -49,8 +49,6 @@ class TryOn:
                    text_embeds: dict[str, torch.Tensor] | None = None) -> "TryOn":
         """Around a transformer being trained (its current weights), without reloading it."""
         from diffusers import FluxFillPipeline
-
-        from catvton.model.loading import resolve_base
 
         device = next(transformer.parameters()).device
         # the frozen base's dtype (LoRA parameters are float32 even on a bf16 base)
@@ -116,8 +114,6 @@ def grid_image(canvases: np.ndarray, masks: np.ndarray, results: np.ndarray | di
     """One line per sample: garment | masked person | result(s) | ground truth (person halves).
 
     ``results``: one array, or several by name (e.g. ``{"base": ..., "LoRA": ...}``)."""
-    from catvton.data.canvas import to_uint8
-
     named = results if isinstance(results, dict) else {"result": results}
     n, h, w2, _ = canvases.shape
     w = w2 // 2

@@ -1,4 +1,4 @@
-"""The one way to load the FLUX Fill base: a hub id, a local diffusers folder, or ``tiny``.
+"""The one way to load the FLUX Fill base: a hub id or a local diffusers folder.
 
 Every stage (preprocess, train, evaluate, serve) loads through these functions, so the offline
 tiny base and FLUX.1-Fill-dev run the same code::
@@ -6,8 +6,11 @@ tiny base and FLUX.1-Fill-dev run the same code::
     pipe = load_pipeline("black-forest-labs/FLUX.1-Fill-dev",
                          override="xiaozaa/catvton-flux-alpha", torch_dtype=torch.bfloat16,
                          device="cuda")
-    pipe = load_pipeline("tiny")                     # offline: builds/caches the tiny base
-    transformer = load_transformer("tiny", override="/path/to/finetuned")
+    pipe = load_pipeline("/path/to/tiny-base")       # the offline tiny base's folder
+    transformer = load_transformer("/path/to/tiny-base", override="/path/to/finetuned")
+
+The offline names ``tiny`` and ``tiny-alpha`` are not resolved here: entry points turn them into
+folders with :func:`catvton.offline.resolve` (building them once) before calling the library.
 
 A base folder has the diffusers FLUX Fill layout (see :data:`BASE_LAYOUT`). A transformer
 override (a full CatVTON-Flux checkpoint such as ``xiaozaa/catvton-flux-alpha``) replaces the
@@ -22,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-TINY = "tiny"
-"""The ``base`` value that selects the offline tiny base (:func:`catvton.model.tiny.ensure_tiny_base`)."""
+OFFLINE_NAMES = ("tiny", "tiny-alpha")
+"""Config values that name offline models; :func:`catvton.offline.resolve` turns them into folders."""
 
 FILL_IN_CHANNELS = 384
 """A FLUX Fill transformer's input width: 64 packed noisy latent + 64 packed masked-image latent
@@ -51,8 +54,8 @@ class BaseModelError(ValueError):
 def _layout_hint() -> str:
     return (
         "a base is a hub id (e.g. black-forest-labs/FLUX.1-Fill-dev) or a local folder in the "
-        f"diffusers FLUX Fill layout ({', '.join(BASE_LAYOUT)}); pass base='tiny' to build and "
-        "use the offline tiny base (python -m catvton.model.tiny)"
+        f"diffusers FLUX Fill layout ({', '.join(BASE_LAYOUT)}); the offline tiny base is base='tiny' "
+        "in a config, resolved by catvton.offline.resolve (python -m catvton.offline.tiny_base builds it)"
     )
 
 
@@ -67,14 +70,10 @@ def _local_path(ref: str) -> Path | None:
 
 
 def resolve_base(base: str) -> str:
-    """``"tiny"`` -> the cached tiny base folder (built on first use); anything else unchanged.
-
-    A local folder must exist and hold ``model_index.json``; a hub id is passed on as is.
+    """``base`` checked: a local folder must exist and hold ``model_index.json``; a hub id is
+    passed on as is; an offline name (``tiny``) that was not resolved is an error saying how.
     """
-    if base == TINY:
-        from catvton.model.tiny import ensure_tiny_base
-
-        return str(ensure_tiny_base())
+    _refuse_offline_name(base, "base")
     local = _local_path(base)
     if local is not None:
         if not local.is_dir():
@@ -82,6 +81,14 @@ def resolve_base(base: str) -> str:
         if not (local / "model_index.json").is_file():
             raise BaseModelError(f"base folder {local} has no model_index.json: {_layout_hint()}")
     return base
+
+
+def _refuse_offline_name(value: str, what: str) -> None:
+    if value in OFFLINE_NAMES:
+        raise BaseModelError(
+            f"{what}={value!r} names an offline model that was not resolved to a folder: entry points call "
+            "catvton.offline.resolve(cfg) first (it builds and caches the tiny models); in your own code do the same"
+        )
 
 
 def _override_config(override: str) -> tuple[str, str | None, dict]:
@@ -93,6 +100,7 @@ def _override_config(override: str) -> tuple[str, str | None, dict]:
     """
     from diffusers import FluxTransformer2DModel
 
+    _refuse_offline_name(override, "transformer_override")
     local = _local_path(override)
     if local is not None:
         if not local.is_dir():

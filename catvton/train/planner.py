@@ -53,6 +53,7 @@ from dataclasses import dataclass
 
 import torch
 
+from catvton.config import Config, load_config
 from catvton.model.lora import TARGET_PRESETS, count_lora_params, target_regex
 
 GB = 1e9
@@ -317,8 +318,6 @@ def main(argv: list[str] | None = None) -> None:
                    help="keep every block's activations (faster, far more memory)")
     p.add_argument("--optimizer", default="adamw", choices=list(STATE_BYTES))
     a = p.parse_args(argv)
-
-    from catvton.config import Config, load_config
 
     cfg = load_config(a.config) if a.config else Config()
     hw, hh = a.half or (cfg.canvas.half_width, cfg.canvas.half_height)

@@ -23,13 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from catvton.artifacts import LORA_WEIGHTS, METRICS, TRAINING_CONFIG, export_atomic
+from catvton.cache.build import build_latent_cache
 from catvton.config import Config, config_from_dict
+from catvton.train.job import fit, release_placement_group
 
 TRIAL_DRIVER_CPU = 0.5
 """CPU reserved by each trial's own function (it only waits on its TorchTrainer)."""
 
-RELEASE_FILES = ("pytorch_lora_weights.safetensors", "training_config.json", "metrics.json",
-                 "trials.csv", "trials.json", "sweep.png")
+RELEASE_FILES = (LORA_WEIGHTS, TRAINING_CONFIG, METRICS, "trials.csv", "trials.json", "sweep.png")
 
 
 @dataclass
@@ -80,8 +82,6 @@ def run_trial(params: dict[str, Any]) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from catvton.train.job import fit
-
     base = config_from_dict(params["cfg"])
     name = tune.get_context().get_trial_name()
     cfg = trial_config(base, params["lr"], params["rank"], name, Path(params["sweep_dir"]))
@@ -103,8 +103,6 @@ def _release_callback(trials_dir: Path):
     function so that Tune can pickle it with the experiment state (no captured loggers)."""
     from ray import tune
 
-    from catvton.train.job import release_placement_group
-
     class ReleasePlacementGroups(tune.Callback):
         def on_trial_complete(self, iteration, trials, trial, **info):
             release_placement_group(trials_dir / str(trial), _say)
@@ -116,17 +114,14 @@ def _release_callback(trials_dir: Path):
 
 
 def run_sweep(cfg: Config, num_encoders: int = 1, log: Callable[[str], None] = print) -> SweepOutcome:
-    """Resolve the models, build (or reuse) the latent cache, run the trials, export the winner."""
+    """Build (or reuse) the latent cache, run the trials, export the winner. ``cfg`` names
+    concrete models (entry points resolve offline names with :func:`catvton.offline.resolve`)."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from catvton.data.encode import build_latent_cache
-    from catvton.train.job import resolve_models
-
     if cfg.train.max_steps < 1:
         raise ValueError("a sweep needs train.max_steps > 0: ASHA's rungs are counted in steps")
-    cfg = resolve_models(cfg, log=log)
     cache = build_latent_cache(cfg, num_encoders=num_encoders, use_gpu=cfg.train.use_gpu, log=log)
     sweep_dir = Path(cfg.run.output_dir).expanduser().resolve() / cfg.tune.name
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -159,7 +154,7 @@ def run_sweep(cfg: Config, num_encoders: int = 1, log: Callable[[str], None] = p
     rows = [trial_row(r.metrics or {}, r.config or {}, r.path, r.metrics_dataframe, r.error, cfg)
             for r in grid]
     release = export_release(rows, sweep_dir / "release", cfg)
-    winner = json.loads((release / "metrics.json").read_text())
+    winner = json.loads((release / METRICS).read_text())
     return SweepOutcome(sweep_dir, release, rows, winner)
 
 
@@ -201,33 +196,28 @@ def pick_winner(rows: list[dict[str, Any]], metric: str) -> dict[str, Any]:
 
 
 def export_release(rows: list[dict[str, Any]], release: Path, cfg: Config) -> Path:
-    """Write the release folder (atomically: a temp folder renamed at the end)."""
+    """Write the release folder atomically (:func:`catvton.artifacts.export_atomic`)."""
     metric = cfg.tune.metric
     winner = pick_winner(rows, metric)
-    tmp = release.with_name(f".{release.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
     weights = Path(winner["weights_dir"])
-    for name in ("pytorch_lora_weights.safetensors", "training_config.json"):
-        shutil.copy2(weights / name, tmp / name)
-    table = [{k: v for k, v in r.items() if k != "curve"} for r in rows]
-    columns = list(table[0])
-    with open(tmp / "trials.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(table)
-    (tmp / "trials.json").write_text(json.dumps(rows, indent=2) + "\n")
-    winner_metrics = {k: v for k, v in winner.items() if k not in ("curve", "weights_dir", "run_dir", "error")}
-    winner_metrics.update(metric=metric, sweep=cfg.tune.name, trials=len(rows),
-                          completed=sum(r["status"] == "completed" for r in rows),
-                          stopped_early=sum(r["status"] == "stopped early" for r in rows))
-    (tmp / "metrics.json").write_text(json.dumps(winner_metrics, indent=2) + "\n")
-    plot_sweep(rows, metric, tmp / "sweep.png", title=f"sweep {cfg.tune.name}")
-    if release.exists():
-        shutil.rmtree(release)
-    tmp.rename(release)
-    return release
+
+    def fill(tmp: Path) -> None:
+        for name in (LORA_WEIGHTS, TRAINING_CONFIG):
+            shutil.copy2(weights / name, tmp / name)
+        table = [{k: v for k, v in r.items() if k != "curve"} for r in rows]
+        with open(tmp / "trials.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(table[0]))
+            writer.writeheader()
+            writer.writerows(table)
+        (tmp / "trials.json").write_text(json.dumps(rows, indent=2) + "\n")
+        winner_metrics = {k: v for k, v in winner.items() if k not in ("curve", "weights_dir", "run_dir", "error")}
+        winner_metrics.update(metric=metric, sweep=cfg.tune.name, trials=len(rows),
+                              completed=sum(r["status"] == "completed" for r in rows),
+                              stopped_early=sum(r["status"] == "stopped early" for r in rows))
+        (tmp / METRICS).write_text(json.dumps(winner_metrics, indent=2) + "\n")
+        plot_sweep(rows, metric, tmp / "sweep.png", title=f"sweep {cfg.tune.name}")
+
+    return export_atomic(release, fill)
 
 
 def plot_sweep(rows: list[dict[str, Any]], metric: str, path: Path, title: str) -> None:

@@ -24,30 +24,27 @@ The components, scaled down from FLUX.1-Fill-dev but wired the same way:
 
 Build it (about 3 CPU minutes, mostly VAE training) or find the cached one::
 
-    python -m catvton.model.tiny --out /tmp/tiny-base        # build into a folder
-    python -c "from catvton.model.tiny import ensure_tiny_base; print(ensure_tiny_base())"
+    python -m catvton.offline.tiny_base --out /tmp/tiny-base        # build into a folder
+    python -c "from catvton.offline.tiny_base import ensure_tiny_base; print(ensure_tiny_base())"
 """
 
 from __future__ import annotations
 
 import argparse
-import fcntl
-import hashlib
 import json
-import math
-import os
-import random
 import re
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+
+from catvton import artifacts
+from catvton.artifacts import TINY_BASE_INFO
+from catvton.offline.tiny_vae import (CUTOUT_SIZE, MAX_EVAL_IMAGES, PHOTO_SIZE, SYNTHETIC_IMAGE_SIZE, latent_statistics,
+                                      new_vae, reconstruction_psnr, train_vae, vae_image_sets)
 
 TINY_BASE_VERSION = "tiny-flux-fill-v1"
 """Bump when anything below changes what is built: it is part of the cache folder's hash."""
@@ -60,8 +57,6 @@ CATVTON_PROMPT = (
 """The CatVTON-Flux prompt; its words are whole tokens of the tiny tokenizers. A copy of
 ``ModelConfig.prompt`` kept here on purpose: the built base must not change when a config does."""
 
-CACHE_ENV = "CATVTON_CACHE"
-"""Environment variable naming the cache root (default ``~/.cache/catvton``)."""
 
 # Transformer: FLUX Fill wiring at 64 wide. axes_dims_rope must sum to attention_head_dim.
 TRANSFORMER_KWARGS: dict[str, Any] = dict(
@@ -81,20 +76,6 @@ TRANSFORMER_KWARGS: dict[str, Any] = dict(
 # VAE: 4 blocks -> scale factor 2**3 = 8; 16 latent channels; no quant convs (FLUX's VAE has none).
 # Widths: the full-resolution level dominates CPU time, so it is kept narrow (16) and the
 # capacity sits in the lower-resolution levels.
-VAE_KWARGS: dict[str, Any] = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(16, 32, 48, 48),
-    layers_per_block=1,
-    latent_channels=16,
-    norm_num_groups=8,
-    sample_size=128,
-    use_quant_conv=False,
-    use_post_quant_conv=False,
-)
-
 # FLUX.1-Fill-dev's scheduler config (scheduler/scheduler_config.json on the hub).
 SCHEDULER_KWARGS: dict[str, Any] = dict(
     num_train_timesteps=1000,
@@ -111,17 +92,6 @@ T5_MAX_LENGTH = 512
 CLIP_MAX_LENGTH = 77
 T5_EXTRA_IDS = 8
 
-# The VAE's training images: photos at the scale the tiny canvas shows people (a 96x128 half),
-# garment cut-outs fitted into a 96x128 half on white, as the canvas builder makes them.
-PHOTO_SIZE = (96, 96)  # (width, height)
-CUTOUT_SIZE = (96, 128)  # (width, height)
-CROP = 64
-VAE_BATCH = 8
-VAE_LR = 1e-3
-VAE_KL_WEIGHT = 1e-6
-SYNTHETIC_IMAGE_SIZE = 256
-HELDOUT_FRACTION = 0.1
-MAX_EVAL_IMAGES = 96
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,7 +203,7 @@ def build_text_encoders(seed: int):
     return tokenizer, text_encoder.eval(), tokenizer_2, text_encoder_2.eval()
 
 
-def build_transformer(seed: int):
+def new_transformer(seed: int):
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(seed + 3)
@@ -244,174 +214,6 @@ def build_scheduler():
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     return FlowMatchEulerDiscreteScheduler(**SCHEDULER_KWARGS)
-
-
-def new_vae(seed: int):
-    """The tiny VAE at its random initialisation for ``seed`` (what training starts from)."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed + 4)
-    return AutoencoderKL(**VAE_KWARGS)
-
-
-# --------------------------------------------------------------------------------------------
-# VAE training data: synthetic photos and garment cut-outs
-# --------------------------------------------------------------------------------------------
-
-
-def _to_tensor(img) -> torch.Tensor:
-    """PIL RGB -> (3, H, W) float32 in [-1, 1], the VAE's input range."""
-    import numpy as np
-
-    a = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy())
-    return a.permute(2, 0, 1).float().div(127.5).sub(1.0)
-
-
-def garment_cutout(photo, mask, size: tuple[int, int] = CUTOUT_SIZE):
-    """The masked garment on white, cropped to the mask's box, fitted (aspect kept) into ``size``.
-
-    Returns None when the mask is empty (such a row has no garment to cut out).
-    """
-    from PIL import Image
-
-    mask = mask.convert("L").resize(photo.size, Image.NEAREST)
-    box = mask.point(lambda v: 255 if v >= 128 else 0).getbbox()
-    if box is None:
-        return None
-    white = Image.new("RGB", photo.size, (255, 255, 255))
-    cut = Image.composite(photo.convert("RGB"), white, mask).crop(box)
-    w, h = cut.size
-    scale = min(size[0] / w, size[1] / h)
-    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-    canvas = Image.new("RGB", size, (255, 255, 255))
-    canvas.paste(cut.resize((nw, nh), Image.BICUBIC), ((size[0] - nw) // 2, (size[1] - nh) // 2))
-    return canvas
-
-
-def vae_image_sets(
-    synthetic_pids: int = 120, seed: int = 0
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """``(train, heldout)`` VAE images from synthetic rows, split by pid (no pid in both).
-
-    Each is a list of (3, H, W) tensors in [-1, 1]: photos at 96x96 and garment cut-outs at
-    96x128 (width x height). Held out: 10% of the pids (at least 2), chosen from ``seed``.
-    """
-    from PIL import Image
-
-    from catvton.data.synthetic import synthetic_rows
-
-    by_pid: dict[str, list[torch.Tensor]] = {}
-    for row in synthetic_rows(synthetic_pids, image_size=SYNTHETIC_IMAGE_SIZE, seed=seed):
-        photo = row["images"].convert("RGB")
-        images = by_pid.setdefault(str(row["pid"]), [])
-        images.append(_to_tensor(photo.resize(PHOTO_SIZE, Image.BICUBIC)))
-        cut = garment_cutout(photo, row["mask"])
-        if cut is not None:
-            images.append(_to_tensor(cut))
-    pids = sorted(by_pid)
-    if len(pids) < 4:
-        raise ValueError(f"synthetic_pids={synthetic_pids} gave {len(pids)} pids; need at least 4")
-    random.Random(seed).shuffle(pids)
-    n_held = max(2, round(HELDOUT_FRACTION * len(pids)))
-    held = [t for p in pids[:n_held] for t in by_pid[p]]
-    train = [t for p in pids[n_held:] for t in by_pid[p]]
-    return train, held
-
-
-def _random_batch(
-    images: list[torch.Tensor], batch: int, crop: int, gen: torch.Generator
-) -> torch.Tensor:
-    """(batch, 3, crop, crop): random images, random crops, random horizontal flips."""
-    out = []
-    idx = torch.randint(len(images), (batch,), generator=gen).tolist()
-    for i in idx:
-        img = images[i]
-        _, h, w = img.shape
-        top = int(torch.randint(h - crop + 1, (1,), generator=gen))
-        left = int(torch.randint(w - crop + 1, (1,), generator=gen))
-        x = img[:, top : top + crop, left : left + crop]
-        if float(torch.rand((), generator=gen)) < 0.5:
-            x = x.flip(-1)
-        out.append(x)
-    return torch.stack(out)
-
-
-@torch.no_grad()
-def reconstruction_psnr(vae, images: list[torch.Tensor]) -> float:
-    """Mean per-image PSNR (dB, pixels in [0, 1]) of ``vae`` reconstructing ``images`` (posterior mean)."""
-    from torchmetrics.functional.image import peak_signal_noise_ratio
-
-    vae.eval()
-    scores = []
-    for img in images:
-        x = img.unsqueeze(0)
-        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
-        p = peak_signal_noise_ratio(
-            ((rec + 1) / 2).clamp(0, 1), (x + 1) / 2, data_range=1.0, dim=(1, 2, 3), reduction="none"
-        )
-        scores.append(p)
-    return float(torch.cat(scores).mean())
-
-
-def train_vae(
-    vae,
-    images: list[torch.Tensor],
-    steps: int,
-    seed: int,
-    log: Callable[[str], None] = print,
-    progress: bool = True,
-) -> list[float]:
-    """Train ``vae`` in place: L1 + MSE reconstruction of a posterior sample, plus a tiny KL.
-
-    AdamW, 20-step warm-up then cosine decay to 5% of the peak rate; batches, crops, flips and
-    posterior samples all come from one generator seeded by ``seed``. Returns the loss per step.
-    """
-    from tqdm.auto import tqdm
-
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(vae.parameters(), lr=VAE_LR, weight_decay=1e-4)
-    warm = min(20, max(1, steps // 10))
-
-    def lr_at(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        t = (step - warm) / max(1, steps - warm)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    vae.train()
-    losses: list[float] = []
-    bar = tqdm(range(steps), desc="tiny VAE", disable=not progress, mininterval=2.0)
-    for _ in bar:
-        x = _random_batch(images, VAE_BATCH, CROP, gen)
-        posterior = vae.encode(x).latent_dist
-        rec = vae.decode(posterior.sample(generator=gen)).sample
-        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + VAE_KL_WEIGHT * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if len(losses) % 50 == 0:
-            bar.set_postfix(loss=f"{sum(losses[-50:]) / 50:.4f}")
-    vae.eval()
-    if losses:
-        log(f"tiny VAE: {steps} steps, last-50 mean loss {sum(losses[-50:]) / len(losses[-50:]):.4f}")
-    return losses
-
-
-@torch.no_grad()
-def latent_statistics(vae, images: list[torch.Tensor], seed: int) -> tuple[float, float]:
-    """``(shift_factor, scaling_factor)``: mean and 1/std of posterior samples over ``images``.
-
-    FLUX normalises latents as ``(z - shift_factor) * scaling_factor``; with these values the
-    transformer sees latents of zero mean and unit variance, like FLUX.1's (0.1159, 0.3611).
-    """
-    gen = torch.Generator().manual_seed(seed + 5)
-    vae.eval()
-    zs = [vae.encode(img.unsqueeze(0)).latent_dist.sample(generator=gen).flatten() for img in images]
-    z = torch.cat(zs).double()
-    return float(z.mean()), float(1.0 / z.std())
 
 
 # --------------------------------------------------------------------------------------------
@@ -437,16 +239,24 @@ def build_tiny_base(
     shift/scale, timings), and returns that dict. Deterministic from ``seed``; the caller's global
     torch RNG state is left as it was.
     """
-    from diffusers import FluxFillPipeline
-
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} is not empty: build the tiny base into a new or empty folder")
     if vae_steps < 0 or synthetic_pids < 4:
         raise ValueError(f"vae_steps={vae_steps} must be >= 0 and synthetic_pids={synthetic_pids} >= 4")
     t0 = time.time()
+    info = _build(out_dir, seed, vae_steps, synthetic_pids, log)
+    info["build_seconds"] = round(time.time() - t0, 1)
+    (out_dir / TINY_BASE_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    log(f"tiny base written to {out_dir} in {info['build_seconds']:.0f} s")
+    return info
+
+
+def _build(out_dir: Path, seed: int, vae_steps: int, synthetic_pids: int, log: Callable[[str], None]) -> dict:
+    from diffusers import FluxFillPipeline
+
     with torch.random.fork_rng(devices=[]):
-        transformer = build_transformer(seed)
+        transformer = new_transformer(seed)
         tokenizer, text_encoder, tokenizer_2, text_encoder_2 = build_text_encoders(seed)
         vae = new_vae(seed)
 
@@ -500,10 +310,7 @@ def build_tiny_base(
             "text_encoder_2": _param_count(text_encoder_2),
         },
         "vae_train_seconds": round(vae_seconds, 1),
-        "build_seconds": round(time.time() - t0, 1),
     }
-    (out_dir / "tiny_base.json").write_text(json.dumps(info, indent=2) + "\n")
-    log(f"tiny base written to {out_dir} in {info['build_seconds']:.0f} s")
     return info
 
 
@@ -515,19 +322,12 @@ def tiny_base_key(seed: int = 0, vae_steps: int = 800, synthetic_pids: int = 120
         "vae_steps": vae_steps,
         "synthetic_pids": synthetic_pids,
     }
-    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
-    return f"tiny-base-{digest}"
+    return f"tiny-base-{artifacts.content_hash(params)}"
 
 
-def default_cache_root() -> Path:
-    """``$CATVTON_CACHE`` when set, else ``~/.cache/catvton`` (the project's one cache root)."""
-    from catvton.paths import cache_root
-
-    return cache_root()
-
-
-def _is_complete(folder: Path) -> bool:
-    return (folder / "model_index.json").is_file() and (folder / "tiny_base.json").is_file()
+def is_tiny_base(folder: Path) -> bool:
+    """A finished tiny base: the diffusers layout and ``tiny_base.json``."""
+    return (Path(folder) / "model_index.json").is_file() and (Path(folder) / TINY_BASE_INFO).is_file()
 
 
 def ensure_tiny_base(
@@ -535,38 +335,19 @@ def ensure_tiny_base(
     seed: int = 0,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """The cached tiny base folder, built on first use (about 3 CPU minutes).
-
-    Built in a temporary folder beside the final one and renamed into place, so a crash never
-    leaves half a base; an exclusive file lock makes concurrent callers (test workers, Ray
-    workers on one node) wait for one build instead of racing.
-    """
-    root = Path(cache_root).expanduser() if cache_root is not None else default_cache_root()
+    """The cached tiny base folder, built on first use (about 3 CPU minutes), through
+    :func:`catvton.artifacts.build_once` (temporary folder, rename, a lock for concurrent callers)."""
+    root = Path(cache_root).expanduser() if cache_root is not None else artifacts.cache_root()
     final = root / tiny_base_key(seed)
-    if _is_complete(final):
+    if is_tiny_base(final):
         return final
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f"{final.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if _is_complete(final):  # built by another process while we waited
-                return final
-            if final.exists():  # not ours to explain: an incomplete folder under the final name
-                raise RuntimeError(
-                    f"{final} exists but is not a complete tiny base (no model_index.json or "
-                    "tiny_base.json); delete it and retry"
-                )
-            log(f"building the tiny FLUX Fill base into {final} (once; cached afterwards)")
-            tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=root))
-            try:
-                build_tiny_base(tmp, seed=seed, log=log)
-                os.rename(tmp, final)
-                log(f"tiny base ready: {final}")
-            finally:
-                if tmp.exists():
-                    shutil.rmtree(tmp, ignore_errors=True)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def build(tmp: Path) -> None:
+        log(f"building the tiny FLUX Fill base into {final} (once; cached afterwards)")
+        build_tiny_base(tmp, seed=seed, log=log)
+
+    artifacts.build_once(final, build, is_tiny_base, log=log, what="tiny base")
+    log(f"tiny base ready: {final}")
     return final
 
 
@@ -577,13 +358,13 @@ def ensure_tiny_base(
 
 def main(argv: Iterable[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m catvton.model.tiny",
+        prog="python -m catvton.offline.tiny_base",
         description=(
             "Build the tiny offline FLUX Fill base (diffusers layout, loadable with "
             "FluxFillPipeline.from_pretrained). Without --out it goes to the cache that "
             "base='tiny' loads ($CATVTON_CACHE or ~/.cache/catvton) and is reused if there."
         ),
-        epilog="Example: python -m catvton.model.tiny --out /tmp/tiny-base --vae-steps 200",
+        epilog="Example: python -m catvton.offline.tiny_base --out /tmp/tiny-base --vae-steps 200",
     )
     parser.add_argument(
         "--out", type=Path, default=None, help="folder to write (new or empty); default: the cache"
@@ -612,7 +393,7 @@ def main(argv: Iterable[str] | None = None) -> int:
                 "(the cache holds the defaults)"
             )
         folder = ensure_tiny_base(seed=args.seed)
-        info = json.loads((folder / "tiny_base.json").read_text())
+        info = json.loads((folder / TINY_BASE_INFO).read_text())
     else:
         folder = args.out
         info = build_tiny_base(

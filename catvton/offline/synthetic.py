@@ -2,7 +2,7 @@
 
 Real rows cannot be downloaded everywhere, so every offline path (tests, the tiny CPU run, the
 setup report) reads synthetic rows that look like ``SaffalPoosh/deepFashion-with-masks`` to the
-code: the same columns (:data:`catvton.data.schema.COLUMNS`), the same ``NN_K_view`` poses, the
+code: the same columns (:data:`catvton.schema.COLUMNS`), the same ``NN_K_view`` poses, the
 same 17 ``cloth_type`` values, ``id_00000001``-style pids, image cells stored in parquet as
 ``{bytes, path}`` structs under ``data/train-0000k-of-0000n.parquet``.
 
@@ -16,10 +16,14 @@ shot without a person) -- that is what makes try-on learnable from pairs of view
 Everything is deterministic given ``(num_pids, image_size, seed)``: pid ``i`` draws from
 ``numpy.random.default_rng([seed, i, stream])``, so it is the same whatever ``num_pids`` is.
 
+This module is long because it is a renderer: a person's body, the cut of every garment type,
+patterns, views and the hub writer, all procedural and deterministic; splitting the drawing code
+across files would scatter one picture's geometry. Nothing in the library imports it.
+
 Build a folder by hand (a tqdm bar over pids, then a summary)::
 
-    python -m catvton.data.synthetic --out /tmp/synth --pids 480 --size 256 --seed 0
-    python -m catvton.data.synthetic --out /tmp/synth_tiny --pids 12 --size 96   # seconds
+    python -m catvton.offline.synthetic --out /tmp/synth --pids 480 --size 256 --seed 0
+    python -m catvton.offline.synthetic --out /tmp/synth_tiny --pids 12 --size 96   # seconds
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ import argparse
 import io
 import itertools
 import os
-import shutil
 import uuid
 from collections import Counter
 from dataclasses import dataclass
@@ -38,12 +41,13 @@ from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from catvton.data.schema import CLOTH_TYPE_GROUP, COLUMNS, IMAGE_COLUMNS, VIEW_NAMES, parse_pose
+from catvton.artifacts import SYNTHETIC_VERSION, build_once, synthetic_dir
+from catvton.schema import CLOTH_TYPE_GROUP, COLUMNS, IMAGE_COLUMNS, VIEW_NAMES, parse_pose
 
 RGB = tuple[int, int, int]
 
-DATASET_VERSION = "v1"
-"""Bumped whenever rendering changes, so cached folders of an older look are not reused."""
+DATASET_VERSION = SYNTHETIC_VERSION
+"""Bump :data:`catvton.artifacts.SYNTHETIC_VERSION` whenever rendering changes."""
 
 GENDERS = ("WOMEN", "MEN")
 
@@ -156,7 +160,7 @@ class Garment:
     """One garment: colours, pattern and the shape parameters its cloth type implies."""
 
     cloth_type: str
-    """One of :data:`catvton.data.schema.CLOTH_TYPE_GROUP`; its group is the garment's slot."""
+    """One of :data:`catvton.schema.CLOTH_TYPE_GROUP`; its group is the garment's slot."""
     noun: str
     """Caption word (``tee``, ``jeans``, ``jumpsuit``...)."""
     colour: RGB
@@ -1216,38 +1220,22 @@ def write_dataset(folder: str | Path, num_pids: int, image_size: int = 256, seed
     return paths
 
 
-def dataset_dir_name(num_pids: int, image_size: int, seed: int) -> str:
-    """``synthetic-<pids>-<size>-<seed>-v1``: the cache folder of one configuration."""
-    return f"synthetic-{num_pids}-{image_size}-{seed}-{DATASET_VERSION}"
+def is_dataset(folder: Path) -> bool:
+    """A finished set: ``data/*.parquet`` present."""
+    return any((Path(folder) / "data").glob("*.parquet"))
 
 
 def ensure_synthetic_dataset(cache_root: str | Path, num_pids: int, image_size: int, seed: int,
                              *, progress: bool = False) -> Path:
     """Build the synthetic set once under ``cache_root`` and return its folder (with ``data/``).
 
-    The set is written into a temporary sibling folder and renamed into place, so a crash never
-    leaves a half dataset; when several processes race, the first rename wins and the others
-    discard their copy.
+    Through :func:`catvton.artifacts.build_once`: written into a temporary sibling folder and
+    renamed into place under a lock, so a crash never leaves a half dataset and concurrent
+    callers build it once.
     """
-    root = Path(cache_root)
-    final = root / dataset_dir_name(num_pids, image_size, seed)
-    if any((final / "data").glob("*.parquet")):
-        return final
-    if final.exists():
-        raise FileExistsError(f"{final} exists but holds no data/*.parquet: remove it to rebuild")
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        write_dataset(tmp, num_pids, image_size, seed, progress=progress)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not any((final / "data").glob("*.parquet")):  # not a lost race: a real failure
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return final
+    final = synthetic_dir(cache_root, num_pids, image_size, seed)
+    return build_once(final, lambda tmp: write_dataset(tmp, num_pids, image_size, seed, progress=progress),
+                      is_dataset, log=lambda _: None, what="synthetic dataset")
 
 
 # --------------------------------------------------------------------------------------------
@@ -1280,9 +1268,9 @@ def summarize(paths: Sequence[Path]) -> dict[str, Counter]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m catvton.data.synthetic --out DIR [--pids N] [--size S] [--seed K]``."""
+    """``python -m catvton.offline.synthetic --out DIR [--pids N] [--size S] [--seed K]``."""
     parser = argparse.ArgumentParser(
-        prog="python -m catvton.data.synthetic",
+        prog="python -m catvton.offline.synthetic",
         description="Write procedural DeepFashion-with-masks rows (same columns, poses, cloth "
                     "types and parquet layout as the hub dataset) to OUT/data/*.parquet.")
     parser.add_argument("--out", required=True, type=Path,

@@ -1,4 +1,10 @@
-"""Typed configuration: one dataclass per concern, defaults in code, YAML presets, dotted overrides.
+"""The configuration's sections: one dataclass per concern, a docstring under every field,
+defaults that describe the production plan, and :func:`validate` (every problem at once).
+
+Loading (YAML, dotted overrides, type checks) is :mod:`catvton.config.loader`; import both
+from :mod:`catvton.config`.
+
+Typed configuration: one dataclass per concern, defaults in code, YAML presets, dotted overrides.
 
 Code defaults describe the production plan (FLUX.1-Fill-dev, 768x1024 per half, the hub dataset).
 ``configs/tiny.yaml`` switches everything to the offline CPU default. A YAML file only sets values;
@@ -10,18 +16,12 @@ Code defaults describe the production plan (FLUX.1-Fill-dev, 768x1024 per half, 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
-
-from catvton.data.schema import GROUPS, HUB_DATASET_ID, VIEW_NAMES
+from catvton.schema import GROUPS, HUB_DATASET_ID, VIEW_NAMES
 
 
 class ConfigError(ValueError):
@@ -177,8 +177,6 @@ class TrainConfig:
     """Checkpoints kept by Ray (the latest ones)."""
     max_failures: int = 3
     """Worker failures survived by restarting from the last checkpoint."""
-    fail_at_step: int = 0
-    """Test-only switch: the last worker dies once at this step (0 = never)."""
 
 
 @dataclass
@@ -258,6 +256,17 @@ class Config:
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def steps_per_epoch(cfg: Config, n_train: int, world: int) -> int:
+    """Optimizer steps in one pass over ``n_train`` pairs with ``world`` data-parallel workers."""
+    batches = -(-n_train // (cfg.train.batch_size * world))  # ceil
+    return max(1, batches // cfg.train.grad_accum)
+
+
+def total_steps(cfg: Config, n_train: int, world: int) -> int:
+    """The run's length: ``train.max_steps`` when set, else ``train.epochs`` passes."""
+    return cfg.train.max_steps or cfg.train.epochs * steps_per_epoch(cfg, n_train, world)
+
+
 MASK_RULES = ("dilate", "hull", "box", "box_to_bottom")
 
 
@@ -322,7 +331,7 @@ def validate(cfg: Config) -> list[str]:
     for name, allowed in choices.items():
         if getattr(t, name) not in allowed:
             p.append(f"train.{name}={getattr(t, name)!r}: choose from {list(allowed)}")
-    for name in ("max_steps", "warmup_steps", "fail_at_step", "cpus_per_worker"):
+    for name in ("max_steps", "warmup_steps", "cpus_per_worker"):
         if getattr(t, name) < 0:
             p.append(f"train.{name}={getattr(t, name)}: must not be negative")
     for name in ("val_every", "checkpoint_every", "keep_checkpoints", "val_batches"):
@@ -368,150 +377,3 @@ def _validate_tune(cfg: Config) -> list[str]:
     if not s.name or "/" in s.name:
         p.append(f"tune.name={s.name!r}: a non-empty name without '/'")
     return p
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading: YAML + dotted overrides onto the dataclass tree, type-checked, all problems at once.
-
-
-def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
-    """Whether ``value`` fits annotation ``tp``; returns the (lightly coerced) value."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            ok, v = _type_ok(value, arg)
-            if ok:
-                return True, v
-        return False, value
-    if tp is type(None):
-        return value is None, value
-    if tp is bool:
-        return isinstance(value, bool), value
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "5e-5" (no dot) as a string
-            try:
-                return True, float(value)
-            except ValueError:
-                return False, value
-        return False, value
-    if tp is str:
-        return isinstance(value, str), value
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            return False, value
-        out = []
-        for item in value:
-            ok, v = _type_ok(item, item_tp)
-            if not ok:
-                return False, value
-            out.append(v)
-        return True, out
-    raise TypeError(f"config annotation {tp!r} is not supported")
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _apply(obj: Any, values: dict[str, Any], where: str, problems: list[str]) -> None:
-    hints = typing.get_type_hints(type(obj))
-    names = [f.name for f in dataclasses.fields(obj)]
-    for key, value in values.items():
-        path = f"{where}{key}"
-        if key not in names:
-            near = difflib.get_close_matches(key, names, n=1)
-            hint = f" (did you mean {where}{near[0]}?)" if near else f" (known: {', '.join(names)})"
-            problems.append(f"unknown key {path}{hint}")
-            continue
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                problems.append(f"{path} is a section: give it a mapping, not {value!r}")
-            else:
-                _apply(current, value, f"{path}.", problems)
-            continue
-        ok, coerced = _type_ok(value, hints[key])
-        if not ok:
-            problems.append(f"{path}={value!r}: expected {_type_name(hints[key])}")
-        else:
-            setattr(obj, key, coerced)
-
-
-def _dotted_to_nested(overrides: list[str], problems: list[str]) -> dict[str, Any]:
-    nested: dict[str, Any] = {}
-    for item in overrides:
-        if "=" not in item:
-            problems.append(f"override {item!r} is not of the form section.field=value")
-            continue
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
-        node = nested
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                problems.append(f"override {item!r} conflicts with another override")
-                break
-        else:
-            node[parts[-1]] = value
-    return nested
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the YAML file at ``path``, then ``overrides``; raises :class:`ConfigError`."""
-    cfg = Config()
-    problems: list[str] = []
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError([f"config file {path} does not exist (presets are in configs/)"])
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError([f"{path} must hold a mapping of sections"])
-        _apply(cfg, loaded, "", problems)
-    _apply(cfg, _dotted_to_nested(list(overrides or []), problems), "", problems)
-    if not problems:
-        problems = validate(cfg)
-    if problems:
-        raise ConfigError(problems)
-    return cfg
-
-
-def config_from_dict(d: dict[str, Any]) -> Config:
-    """Rebuild a :class:`Config` from :meth:`Config.to_dict` (e.g. inside a Ray worker)."""
-    cfg = Config()
-    problems: list[str] = []
-    _apply(cfg, d, "", problems)
-    if problems:
-        raise ConfigError(problems)
-    return cfg
-
-
-def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted name, default, doc) for every field: the reference used by ``--help`` and docs."""
-    import ast
-    import inspect
-
-    docs: dict[str, str] = {}
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    for a, b in zip(body, body[1:]):
-        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
-            docs[a.target.id] = " ".join(str(b.value.value).split())  # type: ignore[union-attr]
-    rows = []
-    inst = cls()
-    for f in dataclasses.fields(cls):
-        val = getattr(inst, f.name)
-        if dataclasses.is_dataclass(val):
-            rows += describe(type(val), f"{prefix}{f.name}.")
-        else:
-            rows.append((f"{prefix}{f.name}", repr(val), docs.get(f.name, "")))
-    return rows

@@ -1,0 +1,164 @@
+"""What stages hand each other on disk, and the one way each kind of folder is written.
+
+Every file name that one stage writes and another reads is defined here once; every builder
+that makes a cached folder (the latent cache, the tiny base, the tiny alpha, the synthetic
+set) goes through :func:`build_once`; every exported folder (a run's weights, a sweep's release)
+through :func:`export_atomic`. Nothing is created at import.
+
+A checkpoint folder (one per save, in Ray's ``storage_path``)::
+
+    pytorch_lora_weights.safetensors   method=lora: diffusers LoRA format, alpha in the metadata
+    transformer/                       method=full: the whole transformer (save_pretrained)
+    training_state.pt                  optimizer, scheduler, step, RNG state, loss history
+    config.json                        the run's full configuration
+
+An exported weights folder (``<run>/lora``, a sweep's ``release/``) holds the weights and the
+configuration as ``training_config.json``; see ``docs/release.md``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+# --- checkpoints and exported weights --------------------------------------------------------
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+"""A LoRA in diffusers format (``FluxFillPipeline.load_lora_weights`` reads it)."""
+FULL_WEIGHTS = "transformer"
+"""Folder of a fully fine-tuned transformer (``save_pretrained``) in a checkpoint."""
+TRAINING_STATE = "training_state.pt"
+"""Optimizer, scheduler, step, RNG states and the loss history of a checkpoint."""
+CHECKPOINT_CONFIG = "config.json"
+"""The run's configuration inside a checkpoint."""
+TRAINING_CONFIG = "training_config.json"
+"""The run's configuration beside exported weights (serving and evaluation read it)."""
+METRICS = "metrics.json"
+"""A release's winning metrics (the sweep writes it)."""
+
+# --- a run folder (``<run.output_dir>/<run.name>``) -------------------------------------------
+FINAL_METRICS = "final_metrics.json"
+STOPPED = "STOPPED.txt"
+"""Written to the run folder when the workers stop on a non-finite loss."""
+RESUMES = "resumes.log"
+"""One line per restart from a checkpoint (a worker failure or a rerun with the same name)."""
+PLACEMENT_GROUP = ".placement_group"
+"""The workers' placement group id, written by rank 0 for the driver."""
+
+# --- a latent cache ---------------------------------------------------------------------------
+MANIFEST = "manifest.json"
+TEXT_EMBEDS = "text_embeds.safetensors"
+SAMPLES = "samples.npz"
+
+# --- offline models ---------------------------------------------------------------------------
+TINY_BASE_INFO = "tiny_base.json"
+"""Marks a finished tiny base folder (its build parameters and VAE quality)."""
+ALPHA_INFO = "alpha.json"
+"""Marks a finished tiny alpha transformer folder."""
+
+# --- the synthetic dataset -------------------------------------------------------------------
+SYNTHETIC_VERSION = "v1"
+"""Bumped whenever the synthetic renderer changes, so cached sets of an older look are not reused."""
+
+
+def synthetic_dir(root: str | Path, num_pids: int, image_size: int, seed: int) -> Path:
+    """``<root>/synthetic-<pids>-<size>-<seed>-v1``: the folder (hub layout, ``data/*.parquet``)
+    the offline writer builds and the data source reads for ``data.source: synthetic``."""
+    return Path(root) / f"synthetic-{num_pids}-{image_size}-{seed}-{SYNTHETIC_VERSION}"
+
+
+# --- evaluation -------------------------------------------------------------------------------
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+
+
+def cache_root() -> Path:
+    """Where built-once folders live: ``$CATVTON_CACHE``, else ``~/.cache/catvton`` (not created)."""
+    env = os.environ.get("CATVTON_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "catvton"
+
+
+def content_hash(params: dict[str, Any]) -> str:
+    """12 hex digits of the sha256 of ``params`` as sorted JSON: the cache key of a built folder."""
+    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def build_once(final: str | Path, build: Callable[[Path], Any], is_complete: Callable[[Path], bool],
+               log: Callable[[str], None] = print, what: str = "folder") -> Path:
+    """Return ``final``, building it first if it is not complete.
+
+    ``build(tmp)`` fills a new temporary folder beside ``final``, which is then renamed into
+    place: a crash never leaves half a folder under the final name. An exclusive file lock
+    (``<final>.lock``) makes concurrent callers (test workers, Ray workers on one node, two jobs)
+    wait for one build instead of racing; a caller that waited finds the folder complete.
+    """
+    final = Path(final)
+    if is_complete(final):
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with open(final.parent / f"{final.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if is_complete(final):  # built by another process while we waited
+                return final
+            if final.exists():
+                raise RuntimeError(f"{final} exists but is not a complete {what}; delete it and retry")
+            tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=final.parent))
+            try:
+                build(tmp)
+                if not is_complete(tmp):
+                    raise RuntimeError(f"building the {what} into {tmp} left it incomplete")
+                os.rename(tmp, final)
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return final
+
+
+def export_atomic(final: str | Path, fill: Callable[[Path], Any]) -> Path:
+    """Write an exported folder: ``fill(tmp)`` writes a hidden sibling, which then replaces
+    ``final`` (an older export of the same name is removed only once the new one is complete)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        fill(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def save_training_state(folder: Path, state: dict[str, Any]) -> None:
+    """``training_state.pt`` of a checkpoint folder."""
+    import torch
+
+    torch.save(state, Path(folder) / TRAINING_STATE)
+
+
+def load_training_state(folder: str | Path) -> dict[str, Any]:
+    """What :func:`save_training_state` wrote (``step``, ``history``, optimizer, RNG states...)."""
+    import torch
+
+    path = Path(folder) / TRAINING_STATE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: {folder} is not a training checkpoint")
+    return torch.load(path, weights_only=False)
+
+
+def loss_history(checkpoint: str | Path) -> list[dict[str, Any]]:
+    """The loss history stored in a checkpoint folder (one dict per reported step)."""
+    return list(load_training_state(checkpoint)["history"])

@@ -1,0 +1,97 @@
+"""The tiny "alpha" transformer: a miniature of CatVTON-Flux's try-on fine-tune.
+
+The real story: FLUX.1-Fill-dev was fully fine-tuned into ``xiaozaa/catvton-flux-alpha`` on
+upper-body try-on pairs, and this project teaches it bottoms with a LoRA. Offline, the tiny base
+gets the same history: its transformer is fully fine-tuned (``method: full``) on **upper-body**
+synthetic pairs, once, and cached in the transformer-override layout (``config.json`` and
+weights at the folder's root, like the hub checkpoint). The default job then trains a LoRA on
+lower-body and full pairs on top of it.
+
+    python -m catvton.offline.alpha        # build (or find) it and print the folder
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+from catvton.artifacts import ALPHA_INFO, build_once, cache_root, content_hash
+from catvton.cache.build import build_latent_cache
+from catvton.config import Config, RunOptions, TrainConfig, config_from_dict
+from catvton.model.loading import resolve_base
+from catvton.train.plain import train_plain
+
+ALPHA_VERSION = "tiny-alpha-v1"
+ALPHA_STEPS = 500
+"""Full fine-tuning steps on upper-body pairs (about 2-3 CPU minutes at batch 8)."""
+
+
+def alpha_config(cfg: Config) -> Config:
+    """The config the alpha is trained with: upper-body pairs only, the whole transformer."""
+    a = config_from_dict(cfg.to_dict())  # a deep copy
+    a.data.groups, a.data.upper_share = ["upper"], 0.0
+    a.model.transformer_override = None
+    # Everything about training is fixed here, so the job's own training knobs (steps, lr, run
+    # name...) neither change the alpha nor its cache key.
+    a.train = TrainConfig(method="full", lr=1e-3, batch_size=8, grad_accum=1, warmup_steps=50,
+                          schedule="cosine", gradient_checkpointing=False, precision="fp32", use_gpu=False,
+                          seed=0)  # one alpha for every LoRA seed: the model we start from
+    a.run = RunOptions(name="tiny-alpha")
+    return a
+
+
+def alpha_key(cfg: Config) -> str:
+    """Cache folder name: ``tiny-alpha-<hash of what the alpha is trained from and with>``.
+    ``cfg.model.base`` must be the tiny base's folder (:func:`catvton.offline.resolve` does it)."""
+    a = alpha_config(cfg)
+    d = a.to_dict()
+    params = {"version": ALPHA_VERSION, "base": Path(resolve_base(cfg.model.base)).name, "steps": ALPHA_STEPS,
+              "data": d["data"], "canvas": d["canvas"], "mask": d["mask"],
+              "train": d["train"], "prompt": a.model.prompt, "seq": a.model.max_sequence_length}
+    return f"tiny-alpha-{content_hash(params)}"
+
+
+def is_alpha(folder: Path) -> bool:
+    return (Path(folder) / ALPHA_INFO).is_file()
+
+
+def ensure_tiny_alpha(cfg: Config, log: Callable[[str], None] = print) -> Path:
+    """The cached alpha transformer folder for this config's data and canvas, built on first use
+    through :func:`catvton.artifacts.build_once`. Needs Ray (the latent cache is built with Ray
+    Data) and a resolved base folder in ``cfg.model.base``."""
+    final = cache_root() / alpha_key(cfg)
+    if is_alpha(final):
+        return final
+
+    def build(tmp: Path) -> None:
+        a = alpha_config(cfg)
+        log(f"building the tiny alpha transformer (full fine-tune on upper-body pairs, {ALPHA_STEPS} steps) "
+            f"into {final}; once, cached afterwards")
+        cache = build_latent_cache(a)
+        model, history = train_plain(a, cache, ALPHA_STEPS, log=log)
+        model.save_pretrained(tmp)
+        first = sum(h["loss"] for h in history[:50]) / 50
+        last = sum(h["loss"] for h in history[-50:]) / 50
+        (tmp / ALPHA_INFO).write_text(json.dumps({
+            "version": ALPHA_VERSION, "steps": ALPHA_STEPS, "latent_cache": str(cache),
+            "loss_first_50": first, "loss_last_50": last}, indent=2) + "\n")
+        log(f"alpha trained: loss {first:.4f} -> {last:.4f}")
+
+    return build_once(final, build, is_alpha, log=log, what="tiny alpha")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from catvton.config import load_config
+    from catvton.offline import resolve
+    from catvton.ray_utils import init_ray
+
+    root = Path(__file__).resolve().parents[2]
+    p = argparse.ArgumentParser(description="Build (or find) the tiny alpha transformer for a config.")
+    p.add_argument("--config", default=str(root / "configs" / "tiny.yaml"))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = p.parse_args()
+    init_ray()
+    print(resolve(load_config(args.config, args.set + ["model.transformer_override=tiny-alpha"])).model.transformer_override)
