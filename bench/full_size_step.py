@@ -2,15 +2,15 @@
 
 Builds the real transformer shape (11.9B parameters, the planner's config) with random weights
 directly on the GPU in bf16 (no download, no Hub token), attaches the production LoRA (r=16,
-attention + feed-forward) through the training code (``catvton.train.step``), and times the same
-step the workers run (``fill_loss`` + backward + AdamW) at the production canvas, 768x1024 per half
-(6,144 image + 512 text tokens), batch 1 and 2, with and without gradient checkpointing. Each row
-reports seconds per sample, peak memory, MFU (the planner's model FLOPs, forward + backward, over
-the GPU's dense bf16 peak; HFU adds the recomputed forward) and the planner's memory prediction
-error. Then a 28-step try-on (``FluxFillPipeline``, random-weight FLUX VAE, precomputed prompt
-embeddings) at the same canvas. Levers, each a row of its own at batch 1: the SDPA kernels
-(flash, efficient, cudnn), ``torch.compile`` of every block, and fewer recomputed blocks where
-the planner says the memory allows.
+attention + feed-forward) through the training code (``catvton.train.engine``), and times the same
+step the workers run (``engine.train_step``: ``fill_loss`` + backward, clipping, AdamW, schedule) at
+the production canvas, 768x1024 per half (6,144 image + 512 text tokens), batch 1 and 2, with and
+without gradient checkpointing. Each row reports seconds per sample, peak memory, MFU (the
+planner's model FLOPs, forward + backward, over the GPU's dense bf16 peak; HFU adds the recomputed
+forward) and the planner's memory prediction error. Then a 28-step try-on (``FluxFillPipeline``,
+random-weight FLUX VAE, precomputed prompt embeddings) at the same canvas. Levers, each a row of
+its own at batch 1: the SDPA kernels (flash, efficient, cudnn), ``torch.compile`` of every block,
+and fewer recomputed blocks where the planner says the memory allows.
 
     python bench/full_size_step.py --out outputs/bench/full_size.json        # on a GPU (~10 min)
     python bench/full_size_step.py --rows base --no-tryon                     # the four base rows only
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import math
@@ -75,11 +76,14 @@ TINY = Shape(True, 32, 32, 8, 32, 32)
 
 def bench_config(batch: int, checkpointing: bool, dtype: torch.dtype):
     """The production training config (``Config()`` defaults: LoRA r=16 alpha 32 on attention +
-    feed-forward, canvas loss, guidance 1) at ``batch``; plain AdamW, which the planner assumes."""
+    feed-forward, canvas loss, guidance 1) at ``batch``; plain AdamW, which the planner assumes; one
+    micro-batch per optimizer step, the step the planner's figures (and MFU) describe (accumulation
+    only spreads the optimizer's share over more micro-batches)."""
     from catvton.config import Config
 
     cfg = Config()
     cfg.train.batch_size = batch
+    cfg.train.grad_accum = 1
     cfg.train.gradient_checkpointing = checkpointing
     cfg.train.optimizer = "adamw"
     cfg.train.precision = "bf16" if dtype == torch.bfloat16 else "fp32"
@@ -112,7 +116,7 @@ def build_base(shape: Shape, device: torch.device, dtype: torch.dtype):
 
 
 def synthetic_batch(shape: Shape, batch: int, device, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Latents and a person-half mask in the cache's layout (see ``catvton.data.encode.decode_batch``)."""
+    """Latents and a person-half mask in the cache's layout (see ``catvton.cache.read.decode_batch``)."""
     h, w = shape.latent_hw
     H, W2 = shape.half_height, 2 * shape.half_width
     mask = torch.zeros(batch, 1, H, W2)
@@ -123,7 +127,7 @@ def synthetic_batch(shape: Shape, batch: int, device, generator: torch.Generator
 
 
 def text_context(shape: Shape, device, dtype):
-    from catvton.train.step import TextContext
+    from catvton.train.engine import TextContext
 
     g = torch.Generator().manual_seed(1)
     embeds = {"prompt_embeds": torch.randn(1, shape.text_tokens, shape.text_dim, generator=g),
@@ -203,8 +207,9 @@ def planner_gpu(name: str) -> str | None:
 def time_row(shape: Shape, device, dtype, batch: int, checkpointing: bool, steps: int, warmup: int,
              sdpa: str = "default", compile_blocks: bool = False, keep_blocks: int | None = None) -> dict:
     """Build base + LoRA (the training code's ``build_transformer``), run ``warmup + steps``
-    optimizer steps, and report the timed ones. An OOM becomes ``{"oom": True}``."""
-    from catvton.train import step as S
+    optimizer steps (the training code's ``train_step``), and report the timed ones. An OOM
+    becomes ``{"oom": True}``."""
+    from catvton.train import engine as S
 
     row = {"batch": batch, "checkpointing": checkpointing, "sdpa": sdpa, "compile": compile_blocks,
            "keep_blocks": keep_blocks}
@@ -221,24 +226,22 @@ def time_row(shape: Shape, device, dtype, batch: int, checkpointing: bool, steps
                     b.compile()
         params = S.trainable_parameters(model)
         row["trainable_params"] = sum(p.numel() for p in params)
-        optimizer, _ = S.make_optimizer(cfg, params, steps + warmup)
+        optimizer, scheduler = S.make_optimizer(cfg, params, steps + warmup)
         gen = torch.Generator().manual_seed(0)
         text = text_context(shape, device, dtype)
         data = synthetic_batch(shape, batch, device, gen)
+        loss_fn = functools.partial(S.fill_loss, text=text, cfg=cfg, generator=gen)
         times, losses = [], []
         with sdpa_context(sdpa):
             for i in range(warmup + steps):
                 sync(device)
                 t0 = time.perf_counter()
-                loss = S.fill_loss(model, data, text, cfg, gen)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                result = S.train_step(model, [data] * cfg.train.grad_accum, loss_fn, optimizer, scheduler, params,
+                                      cfg.train.max_grad_norm)
                 sync(device)
                 if i >= warmup:
                     times.append(time.perf_counter() - t0)
-                    losses.append(float(loss.detach()))
+                    losses.append(result.loss)
         sec = sorted(times)[len(times) // 2]
         row.update(sec_per_step=sec, sec_per_sample=sec / batch, peak_bytes=peak_memory(device),
                    loss=losses[-1], steps_timed=len(times), oom=False)
@@ -300,8 +303,8 @@ def time_tryon(shape: Shape, device, dtype, steps: int) -> dict:
     service encodes its one prompt once)."""
     from diffusers import AutoencoderKL, FluxFillPipeline
 
-    from catvton.model.tiny import build_scheduler
-    from catvton.train import step as S
+    from catvton.offline.tiny_base import build_scheduler
+    from catvton.train import engine as S
 
     reset_memory(device)
     cfg = bench_config(1, False, dtype)
@@ -332,7 +335,7 @@ def time_tryon(shape: Shape, device, dtype, steps: int) -> dict:
     sec = time.perf_counter() - t0
     result = {"steps": steps, "seconds": sec, "sec_per_step": sec / steps, "peak_bytes": peak_memory(device),
               "output_shape": list(out.shape), "finite": bool(torch.isfinite(torch.as_tensor(out)).all())}
-    del pipe, model, vae
+    pipe = model = vae = None  # release them (run() holds pipe) for reset_memory to free
     reset_memory(device)
     return result
 

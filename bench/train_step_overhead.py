@@ -28,12 +28,12 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=10, help="steps left out of the median")
     args = p.parse_args()
 
-    import torch
-
+    from catvton.artifacts import loss_history
+    from catvton.cache.build import build_latent_cache
     from catvton.config import load_config
-    from catvton.data.encode import build_latent_cache
+    from catvton.offline import resolve
     from catvton.ray_utils import init_ray
-    from catvton.train.job import fit, resolve_models
+    from catvton.train.job import fit
     from catvton.train.plain import train_plain
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
@@ -42,17 +42,16 @@ def main() -> None:
         "train.val_batches=1", "run.wandb_mode=disabled", "run.name=bench-overhead",
         f"run.storage_path={tmp / 'ray'}", f"run.output_dir={tmp / 'out'}"])
     init_ray()
-    cfg = resolve_models(cfg)
+    cfg = resolve(cfg)  # the tiny base, the alpha and the synthetic set, built once
     cache = build_latent_cache(cfg, progress=False)
 
     _, history = train_plain(cfg, cache, args.steps, progress=False)
     plain = statistics.median(h["sec_per_step"] for h in history[args.warmup:])
 
     outcome = fit(cfg, cache, log_every=5)  # as the job runs: a report (a sync) every 5 steps
-    state = torch.load(outcome.checkpoint_dir / "training_state.pt", weights_only=False)
     # each reported figure is the mean of the steps since the previous report (val/checkpoint
     # steps are left out: they do extra work)
-    ray_steps = [h["sec_per_step"] for h in state["history"]
+    ray_steps = [h["sec_per_step"] for h in loss_history(outcome.checkpoint_dir)
                  if "sec_per_step" in h and h["step"] > args.warmup and "val_loss" not in h]
     in_ray = statistics.median(ray_steps)
 

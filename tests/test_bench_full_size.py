@@ -37,7 +37,7 @@ def one_thread():
 
 
 def test_full_size_model_goes_through_the_training_code_with_flux_shapes():
-    from catvton.train import step as S
+    from catvton.train import engine as S
 
     cfg = B.bench_config(1, True, torch.bfloat16)
     model = S.build_transformer(cfg, torch.device("meta"), torch.bfloat16,
@@ -70,6 +70,21 @@ def test_every_row_kind_runs_the_real_step_at_tiny_size(spec):
     if "keep_blocks" in spec:  # 1 double + 2 single blocks, the last one keeps its activations
         assert row["recomputed_blocks"] == 2
     assert "OOM" not in B.format_row(row)
+
+
+def test_a_row_times_the_training_codes_own_step(monkeypatch):
+    """Every timed step is ``engine.train_step`` (clipping, AdamW, schedule), one micro-batch each."""
+    from catvton.train import engine as S
+
+    calls, train_step = [], S.train_step
+
+    def counting(model, micro_batches, *args, **kwargs):
+        calls.append(len(micro_batches))
+        return train_step(model, micro_batches, *args, **kwargs)
+
+    monkeypatch.setattr(S, "train_step", counting)
+    row = B.time_row(B.TINY, CPU, torch.float32, batch=1, checkpointing=False, steps=2, warmup=1)
+    assert calls == [1, 1, 1] and row["steps_timed"] == 2 and math.isfinite(row["loss"])
 
 
 def test_a_lever_the_device_cannot_run_is_recorded_not_fatal():

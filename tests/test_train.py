@@ -1,7 +1,8 @@
 """The Ray Train LoRA loop: diffusers-format LoRA round trip, DDP agreement, failure and resume.
 
 Mechanics tests train the tiny base's own transformer (no alpha) on a small latent cache built
-into a temporary root; the learning test (marker ``slow``) runs the default job.
+into a temporary root; the learning test (marker ``slow``) runs the default job. Faults and weight
+dumps are injected through ``fit(worker_hooks=...)`` (``tests/train_hooks.py``).
 """
 
 from __future__ import annotations
@@ -12,8 +13,12 @@ import numpy as np
 import pytest
 import torch
 
+import train_hooks
+from catvton import artifacts
 from catvton.config import load_config
-from catvton.train import step as S
+from catvton.offline import resolve
+from catvton.train import engine as S
+from catvton.train.checkpoint import save_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["data.synthetic_pids=40", "data.val_fraction=0.2", "data.test_fraction=0.2",
@@ -21,13 +26,10 @@ SMALL = ["data.synthetic_pids=40", "data.val_fraction=0.2", "data.test_fraction=
 
 
 def small_cfg(tmp: Path, *extra: str):
-    from catvton.model.loading import resolve_base
-
     cfg = load_config(ROOT / "configs/tiny.yaml", SMALL + [f"run.storage_path={tmp / 'ray'}",
                                                            f"run.output_dir={tmp / 'out'}",
                                                            "run.wandb_mode=disabled", *extra])
-    cfg.model.base = resolve_base("tiny")
-    return cfg
+    return resolve(cfg)  # the tiny base and the 40-pid synthetic set (no alpha: the override is null)
 
 
 def test_saved_lora_loads_into_plain_diffusers_and_reproduces_the_model(tmp_path):
@@ -46,8 +48,8 @@ def test_saved_lora_loads_into_plain_diffusers_and_reproduces_the_model(tmp_path
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.2)
     model.eval()
-    S.save_weights(model, tmp_path / "lora", cfg)
-    assert (tmp_path / "lora" / S.LORA_WEIGHTS).is_file()
+    save_weights(model, tmp_path / "lora", cfg)
+    assert (tmp_path / "lora" / artifacts.LORA_WEIGHTS).is_file()
 
     pipe = FluxFillPipeline.from_pretrained(cfg.model.base)
     pipe.load_lora_weights(str(tmp_path / "lora"))
@@ -55,7 +57,7 @@ def test_saved_lora_loads_into_plain_diffusers_and_reproduces_the_model(tmp_path
     plain = pipe.transformer.eval()
     from safetensors import safe_open
 
-    with safe_open(str(tmp_path / "lora" / S.LORA_WEIGHTS), "pt") as f:
+    with safe_open(str(tmp_path / "lora" / artifacts.LORA_WEIGHTS), "pt") as f:
         keys = list(f.keys())
     assert keys and all(k.startswith("transformer.") for k in keys)
     assert not any(k.startswith("transformer.proj_out") for k in keys), "the final proj_out is never a target"
@@ -93,7 +95,7 @@ def test_saved_lora_loads_into_plain_diffusers_and_reproduces_the_model(tmp_path
 
 @pytest.fixture(scope="module")
 def small_cache(tmp_path_factory, ray_session):
-    from catvton.data.encode import build_latent_cache
+    from catvton.cache.build import build_latent_cache
 
     tmp = tmp_path_factory.mktemp("train-cache")
     return build_latent_cache(small_cfg(tmp), cache_root=tmp / "cache", progress=False)
@@ -105,7 +107,8 @@ def test_two_cpu_workers_hold_identical_lora_weights_after_ddp_steps(tmp_path, s
 
     cfg = small_cfg(tmp_path, "train.num_workers=2", "train.max_steps=2", "train.checkpoint_every=2",
                     "train.val_every=2", "train.val_batches=1", "run.name=ddp")
-    outcome = fit(cfg, small_cache, dump_dir=tmp_path / "dump")
+    train_hooks.by_value()
+    outcome = fit(cfg, small_cache, worker_hooks=train_hooks.DumpWeights(tmp_path / "dump"))
     r0, r1 = (torch.load(tmp_path / "dump" / f"rank{r}.pt") for r in (0, 1))
     assert r0.keys() == r1.keys() and len(r0) > 0
     for k in r0:
@@ -113,7 +116,7 @@ def test_two_cpu_workers_hold_identical_lora_weights_after_ddp_steps(tmp_path, s
     b = [v for k, v in r0.items() if "lora_B" in k]
     assert b and max(float(v.abs().max()) for v in b) > 0, "the LoRA moved from its zero init"
     assert outcome.metrics["step"] == 2
-    assert (outcome.weights_dir / S.LORA_WEIGHTS).is_file()
+    assert (outcome.weights_dir / artifacts.LORA_WEIGHTS).is_file()
 
 
 @pytest.mark.ray
@@ -121,11 +124,12 @@ def test_a_worker_failure_is_survived_and_a_rerun_resumes(tmp_path, small_cache)
     from catvton.train.job import fit
 
     cfg = small_cfg(tmp_path, "train.max_steps=12", "train.checkpoint_every=4", "train.val_every=4",
-                    "train.val_batches=1", "train.fail_at_step=6", "train.max_failures=2", "run.name=faulty")
-    outcome = fit(cfg, small_cache)
-    assert (outcome.run_dir / ".fault_injected").is_file(), "the failure really happened"
+                    "train.val_batches=1", "train.max_failures=2", "run.name=faulty")
+    train_hooks.by_value()
+    outcome = fit(cfg, small_cache, worker_hooks=train_hooks.FailOnce(step=6))
+    assert (outcome.run_dir / train_hooks.FAULT_MARKER).is_file(), "the failure really happened"
     assert outcome.metrics["step"] == 12
-    state = torch.load(outcome.checkpoint_dir / S.STATE, weights_only=False)
+    state = artifacts.load_training_state(outcome.checkpoint_dir)
     steps = [h["step"] for h in state["history"]]
     assert steps == sorted(set(steps)) and steps[0] == 0 and steps[-1] == 12, steps  # continuous, no repeats
     assert 6 not in steps or steps.count(6) == 1
@@ -138,7 +142,7 @@ def test_a_worker_failure_is_survived_and_a_rerun_resumes(tmp_path, small_cache)
     # the same name again: resumes from step 12 instead of starting over
     checkpoints_before = sorted(p.name for p in (tmp_path / "ray" / "faulty").glob("checkpoint_*"))
     again = fit(cfg, small_cache)
-    assert torch.load(again.checkpoint_dir / S.STATE, weights_only=False)["step"] == 12
+    assert artifacts.load_training_state(again.checkpoint_dir)["step"] == 12
     checkpoints_after = sorted(p.name for p in (tmp_path / "ray" / "faulty").glob("checkpoint_*"))
     assert checkpoints_after == checkpoints_before, "no new training happened"
     assert (again.run_dir / "resumes.log").read_text().splitlines()[-1] == "resumed from step 12"
@@ -147,7 +151,7 @@ def test_a_worker_failure_is_survived_and_a_rerun_resumes(tmp_path, small_cache)
 @pytest.mark.ray
 def test_a_nonfinite_loss_stops_the_run_with_the_step_and_checkpoint(tmp_path, small_cache):
     from catvton.train.job import fit
-    from catvton.train.loop import NonFiniteLoss
+    from catvton.train.engine import NonFiniteLoss
 
     cfg = small_cfg(tmp_path, "train.max_steps=30", "train.checkpoint_every=1", "train.val_every=50",
                     "train.lr=0.9", "train.warmup_steps=0", "train.max_grad_norm=0", "train.schedule=constant",

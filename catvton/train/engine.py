@@ -1,29 +1,25 @@
-"""The model side of training: build the trainable transformer, one flow-matching loss, the
-optimizer and schedule, and the checkpoint format. No Ray here: the per-worker loop
-(:mod:`catvton.train.loop`) and the plain-loop benchmark both call these.
+"""The training step, and what it needs: build the trainable transformer, one flow-matching loss,
+the optimizer and schedule, the fixed validation loss, and the non-finite-loss policy.
 
-Checkpoint folder (one per save)::
-
-    pytorch_lora_weights.safetensors   method=lora: diffusers LoRA format, alpha in the metadata
-    transformer/                       method=full: the whole transformer (save_pretrained)
-    training_state.pt                  optimizer, scheduler, step, RNG state, loss history
-    config.json                        the run's full configuration
+No Ray here. Every loop calls :func:`train_step`: the Ray Train per-worker loop
+(:mod:`catvton.train.loop`), the plain single-process loop (:mod:`catvton.train.plain`) and the
+full-size GPU benchmark (``bench/full_size_step.py``). Checkpoints: :mod:`catvton.train.checkpoint`.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import importlib
 import math
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 
 from catvton.config import Config
+from catvton.model.loading import load_transformer
+from catvton.model.lora import lora_config
 from catvton.train import flow
-
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
-STATE = "training_state.pt"
 
 
 def build_transformer(cfg: Config, device: torch.device, dtype: torch.dtype,
@@ -33,9 +29,6 @@ def build_transformer(cfg: Config, device: torch.device, dtype: torch.dtype,
 
     ``base``: an already built ``FluxTransformer2DModel`` to use instead of loading
     ``cfg.model.base`` (the full-size benchmark builds FLUX's shape with random weights)."""
-    from catvton.model.loading import load_transformer
-    from catvton.model.lora import lora_config
-
     model = base if base is not None else load_transformer(cfg.model.base, cfg.model.transformer_override, dtype)
     model.to(device)
     if cfg.train.method == "lora":
@@ -82,7 +75,7 @@ def make_optimizer(cfg: Config, params: list[torch.nn.Parameter], total_steps: i
 
 def _has_bnb() -> bool:
     try:
-        import bitsandbytes  # noqa: F401
+        importlib.import_module("bitsandbytes")
     except ImportError:
         return False
     return True
@@ -134,6 +127,72 @@ def fill_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], text: Text
     return flow.flow_loss(pred, flow.flow_target(x0, noise).to(dev), weights)
 
 
+@dataclass(frozen=True)
+class StepResult:
+    """What one optimizer step reports."""
+
+    loss: float
+    """Mean loss of the step's micro-batches (this worker's; the Ray loop all-reduces it)."""
+    grad_norm: float
+    """Total gradient norm before clipping; nan when clipping is off (``max_grad_norm <= 0``)."""
+
+
+LossFn = Callable[[torch.nn.Module, dict], torch.Tensor]
+"""``loss_fn(model, micro_batch)`` -> the micro-batch's scalar loss (e.g. :func:`fill_loss` with its
+text, config and generator bound)."""
+
+
+def train_step(model: torch.nn.Module, micro_batches: Sequence[dict], loss_fn: LossFn,
+               optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+               params: list[torch.nn.Parameter], max_grad_norm: float) -> StepResult:
+    """One optimizer step over the gradient accumulation's ``micro_batches``.
+
+    Each micro-batch: ``loss_fn(model, batch)`` (a scalar), backward of it divided by the number
+    of micro-batches, so that equal-size micro-batches give the gradient of their mean loss. Under
+    DDP only the last backward all-reduces the gradients (``no_sync`` for the others). Then clip
+    the gradients of ``params`` to ``max_grad_norm`` (0 disables), ``optimizer.step()``,
+    ``scheduler.step()``, ``zero_grad``. ``model`` is what ``loss_fn`` calls: the DDP wrapper
+    when there is one. A non-finite loss is returned, not raised: callers apply
+    :func:`non_finite_message` (every Ray rank must see the all-reduced loss before stopping).
+    """
+    if not micro_batches:
+        raise ValueError("train_step needs at least one micro-batch")
+    n = len(micro_batches)
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    losses = []
+    for i, batch in enumerate(micro_batches):
+        # the forward belongs inside no_sync too: DDP decides in the forward whether the
+        # backward all-reduces
+        with model.no_sync() if ddp and i < n - 1 else contextlib.nullcontext():
+            loss = loss_fn(model, batch)
+            (loss / n).backward()
+        losses.append(loss.detach())
+    if max_grad_norm > 0:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    else:
+        grad_norm = float("nan")
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    values = torch.stack(losses).tolist()  # one device sync for all micro-batches
+    return StepResult(loss=sum(values) / n, grad_norm=grad_norm)
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite: the run stopped (its message from :func:`non_finite_message`)."""
+
+
+def non_finite_message(loss: float, step: int, last_checkpoint: str = "", storage: str | None = None) -> str:
+    """Why a run stopped on a non-finite ``loss`` at optimizer ``step``, and what to do.
+
+    ``storage``: where the loop keeps checkpoints (None: a loop that keeps none); ``last_checkpoint``:
+    the last one reported there (empty: none yet)."""
+    message = f"loss became {loss} at step {step}; the run stopped."
+    if storage is not None:
+        message += f" Last good checkpoint: {last_checkpoint or 'none yet'} (under {storage})."
+    return message + " Lower train.lr or check the data."
+
+
 @torch.no_grad()
 def fixed_val_loss(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], text: TextContext,
                    cfg: Config) -> dict[str, float]:
@@ -154,62 +213,3 @@ def fixed_val_loss(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]
                 counts[key] = counts.get(key, 0) + 1
     model.train(was_training)
     return {k: sums[k] / counts[k] for k in sums}
-
-
-def lora_metadata(model: torch.nn.Module) -> dict[str, Any]:
-    return model.peft_config["default"].to_dict()
-
-
-def save_weights(model: torch.nn.Module, folder: Path, cfg: Config) -> None:
-    """The trained weights in a diffusers-loadable form (see module docstring)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    if cfg.train.method == "lora":
-        from diffusers import FluxFillPipeline
-        from peft.utils import get_peft_model_state_dict
-
-        state = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
-        FluxFillPipeline.save_lora_weights(folder, transformer_lora_layers=state,
-                                           transformer_lora_adapter_metadata=lora_metadata(model))
-    else:
-        model.save_pretrained(folder / "transformer")
-
-
-def load_weights(model: torch.nn.Module, folder: Path, cfg: Config) -> None:
-    """Load what :func:`save_weights` wrote into a model built by :func:`build_transformer`."""
-    if cfg.train.method == "lora":
-        from peft.utils import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        state = load_file(str(folder / LORA_WEIGHTS))
-        # diffusers prefixes the keys with "transformer."; peft's own names do not have it
-        state = {k.removeprefix("transformer."): v for k, v in state.items()}
-        result = set_peft_model_state_dict(model, state)
-        unexpected = getattr(result, "unexpected_keys", [])
-        if unexpected:
-            raise RuntimeError(f"checkpoint {folder} has LoRA keys the model lacks: {unexpected[:3]}...")
-    else:
-        from diffusers import FluxTransformer2DModel
-
-        src = FluxTransformer2DModel.from_pretrained(folder / "transformer")
-        model.load_state_dict(src.state_dict())
-
-
-def save_checkpoint(folder: Path, model, optimizer, scheduler, step: int, history: list[dict],
-                    cfg: Config, generator: torch.Generator) -> None:
-    save_weights(model, folder, cfg)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                "history": history, "torch_rng": torch.get_rng_state(), "generator": generator.get_state()},
-               folder / STATE)
-    (folder / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-
-
-def load_checkpoint(folder: Path, model, optimizer, scheduler, cfg: Config,
-                    generator: torch.Generator) -> tuple[int, list[dict]]:
-    """Restore a checkpoint; returns (step, loss history)."""
-    load_weights(model, folder, cfg)
-    state = torch.load(folder / STATE, weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    generator.set_state(state["generator"])
-    return int(state["step"]), list(state["history"])

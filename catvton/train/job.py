@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from catvton.config import Config, config_from_dict
-from catvton.train.step import LORA_WEIGHTS
-
-TINY_ALPHA = "tiny-alpha"
-"""``model.transformer_override`` value that means the cached tiny alpha transformer."""
-
+from catvton import artifacts
+from catvton.artifacts import FINAL_METRICS, PLACEMENT_GROUP, STOPPED
+from catvton.cache.build import build_latent_cache
+from catvton.cache.read import open_split
+from catvton.config import Config
+from catvton.train.engine import NonFiniteLoss
+from catvton.train.loop import train_loop_per_worker
 
 @dataclass
 class TrainOutcome:
@@ -36,21 +37,6 @@ class TrainOutcome:
     config: Config
 
 
-def resolve_models(cfg: Config, log: Callable[[str], None] = print) -> Config:
-    """A copy of ``cfg`` whose base and transformer override are concrete folders or hub ids, so
-    that workers never build anything: ``tiny`` becomes the cached tiny base, ``tiny-alpha`` the
-    cached alpha transformer (built now if missing; needs Ray)."""
-    from catvton.model.loading import resolve_base
-
-    out = config_from_dict(cfg.to_dict())
-    if out.model.transformer_override == TINY_ALPHA:
-        from catvton.model.alpha import ensure_tiny_alpha
-
-        out.model.transformer_override = str(ensure_tiny_alpha(out, log=log))
-    out.model.base = resolve_base(out.model.base)
-    return out
-
-
 def storage_path(cfg: Config) -> str:
     """Ray needs an absolute path or a URI."""
     p = cfg.run.storage_path
@@ -61,20 +47,20 @@ def run_dir(cfg: Config) -> Path:
     return Path(cfg.run.output_dir).expanduser().resolve() / cfg.run.name
 
 
-def fit(cfg: Config, cache_dir: Path, log: Callable[[str], None] = print, dump_dir: Path | None = None,
-        log_every: int = 5, callbacks: list | None = None, materialize: bool | None = None) -> TrainOutcome:
+def fit(cfg: Config, cache_dir: Path, log: Callable[[str], None] = print, log_every: int = 5,
+        callbacks: list | None = None, materialize: bool | None = None, worker_hooks=None) -> TrainOutcome:
     """Fit the ``TorchTrainer`` for ``cfg`` on the latent cache; re-using ``run.name`` (with the
     same ``run.storage_path``) resumes that run from its latest checkpoint.
 
     ``callbacks``: Ray Train callbacks (a sweep passes ``TuneReportCallback``). ``materialize``:
     read the training split into the object store before training (None: when the workers would
-    leave no CPU free for a streaming read)."""
+    leave no CPU free for a streaming read). ``worker_hooks``: a small picklable
+    :class:`catvton.train.loop.WorkerHooks` every worker calls (tests inject faults with it).
+    Raises :class:`catvton.train.engine.NonFiniteLoss` when the workers stopped on a NaN or
+    infinite loss."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from catvton.data.encode import open_split
-    from catvton.train.loop import STOPPED, NonFiniteLoss, train_loop_per_worker
 
     t = cfg.train
     out_dir = run_dir(cfg)
@@ -92,9 +78,8 @@ def fit(cfg: Config, cache_dir: Path, log: Callable[[str], None] = print, dump_d
             "cfg": cfg.to_dict(),
             "cache_dir": str(cache_dir),
             "run_dir": str(out_dir),
-            "fault_marker": str(out_dir / ".fault_injected"),
-            "dump_dir": str(dump_dir) if dump_dir else "",
             "log_every": log_every,
+            "hooks": worker_hooks,
         },
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker}),
@@ -117,7 +102,7 @@ def fit(cfg: Config, cache_dir: Path, log: Callable[[str], None] = print, dump_d
     checkpoint_dir = Path(result.checkpoint.path) if result.checkpoint is not None else None
     weights = export_weights(checkpoint_dir, out_dir, cfg) if checkpoint_dir else None
     metrics = dict(result.metrics or {})
-    (out_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    (out_dir / FINAL_METRICS).write_text(json.dumps(metrics, indent=2, default=str) + "\n")
     return TrainOutcome(out_dir, checkpoint_dir, weights, metrics, cache_dir, cfg)
 
 
@@ -144,8 +129,6 @@ def release_placement_group(out_dir: Path, log: Callable[[str], None] = print) -
     from ray.util import placement_group_table
     from ray.util.placement_group import PlacementGroup, remove_placement_group
 
-    from catvton.train.loop import PLACEMENT_GROUP
-
     marker = out_dir / PLACEMENT_GROUP
     if not marker.is_file():
         return False
@@ -162,13 +145,11 @@ def release_placement_group(out_dir: Path, log: Callable[[str], None] = print) -
 
 
 def run_job(cfg: Config, num_encoders: int = 1, log: Callable[[str], None] = print) -> TrainOutcome:
-    """The whole job on a running Ray: resolve the models, build or reuse the latent cache, fit."""
-    from catvton.data.encode import build_latent_cache
-
+    """The whole job on a running Ray: build or reuse the latent cache, fit. ``cfg`` names
+    concrete models (entry points pass offline names through :func:`catvton.offline.resolve`)."""
     warning = ephemeral_paths_warning(cfg)
     if warning:
         log(warning)
-    cfg = resolve_models(cfg, log=log)
     cache = build_latent_cache(cfg, num_encoders=num_encoders, use_gpu=cfg.train.use_gpu, log=log)
     return fit(cfg, cache, log=log)
 
@@ -190,19 +171,15 @@ def summary_lines(outcome: TrainOutcome) -> list[str]:
 
 def export_weights(checkpoint_dir: Path, out_dir: Path, cfg: Config) -> Path:
     """Copy the trained weights out of Ray's checkpoint into ``out_dir/lora`` (or
-    ``out_dir/transformer``), written to a temp folder and renamed: never half a folder."""
-    name = "lora" if cfg.train.method == "lora" else "transformer"
-    final = out_dir / name
-    tmp = out_dir / f".{name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    if cfg.train.method == "lora":
-        tmp.mkdir(parents=True)
-        shutil.copy2(checkpoint_dir / LORA_WEIGHTS, tmp / LORA_WEIGHTS)
-    else:
-        shutil.copytree(checkpoint_dir / "transformer", tmp)
-    shutil.copy2(checkpoint_dir / "config.json", tmp / "training_config.json")
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    return final
+    ``out_dir/transformer``) with the run's config as ``training_config.json``, atomically
+    (:func:`catvton.artifacts.export_atomic`): never half a folder."""
+    name = "lora" if cfg.train.method == "lora" else artifacts.FULL_WEIGHTS
+
+    def fill(tmp: Path) -> None:
+        if cfg.train.method == "lora":
+            shutil.copy2(checkpoint_dir / artifacts.LORA_WEIGHTS, tmp / artifacts.LORA_WEIGHTS)
+        else:
+            shutil.copytree(checkpoint_dir / artifacts.FULL_WEIGHTS, tmp, dirs_exist_ok=True)
+        shutil.copy2(checkpoint_dir / artifacts.CHECKPOINT_CONFIG, tmp / artifacts.TRAINING_CONFIG)
+
+    return artifacts.export_atomic(out_dir / name, fill)

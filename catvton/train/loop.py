@@ -2,57 +2,50 @@
 
 It only wires things: the config and cache folder arrive as small plain values, each worker
 loads the transformer and the prompt embeddings itself, reads its ``get_dataset_shard("train")``,
-runs :func:`catvton.train.step.fill_loss`, and reports metrics and checkpoints to Ray. Rank 0
+runs :func:`catvton.train.engine.train_step`, and reports metrics and checkpoints to Ray. Rank 0
 also computes the fixed validation loss, tracks (TensorBoard, W&B), and draws the loss curve
 and sample grids.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 import torch
 
-from catvton.config import Config, config_from_dict
-from catvton.train import step as S
+from catvton.artifacts import PLACEMENT_GROUP, RESUMES, STOPPED
+from catvton.cache.read import decode_batch, load_manifest, load_samples, load_text_embeds, split_files
+from catvton.config import Config, config_from_dict, steps_per_epoch, total_steps
+from catvton.infer.tryon import TryOn, grid_image
+from catvton.train.checkpoint import load_checkpoint, save_checkpoint
+from catvton.train.engine import (TextContext, build_transformer, fill_loss, fixed_val_loss, make_optimizer,
+                                  non_finite_message, train_step, trainable_parameters)
+from catvton.train.tracking import Tracker, plot_loss_curve
 
 
+class WorkerHooks(Protocol):
+    """Instrumentation a caller of :func:`catvton.train.job.fit` may hand every worker (tests inject
+    a worker failure or dump each rank's weights with it). It travels in ``train_loop_config``,
+    so it must be small and picklable by the workers. Production runs pass none."""
 
-STOPPED = "STOPPED.txt"
-"""Written to the run folder when the workers stop on a non-finite loss."""
+    def after_step(self, *, step: int, rank: int, world: int, run_dir: Path) -> None:
+        """After each optimizer step (and its non-finite check), before the step is reported."""
 
-RESUMES = "resumes.log"
-"""One line per restart from a checkpoint (a worker failure or a rerun with the same name)."""
-
-PLACEMENT_GROUP = ".placement_group"
-"""The workers' placement group id, written by rank 0 for the driver."""
-
-
-class NonFiniteLoss(RuntimeError):
-    """Raised by the driver when the workers stopped on a NaN or infinite loss."""
-
-
-def steps_per_epoch(n_train: int, cfg: Config, world: int) -> int:
-    batches = math.ceil(n_train / (cfg.train.batch_size * world))
-    return max(1, batches // cfg.train.grad_accum)
-
-
-def total_steps(n_train: int, cfg: Config, world: int) -> int:
-    return cfg.train.max_steps or cfg.train.epochs * steps_per_epoch(n_train, cfg, world)
+    def at_end(self, *, model: torch.nn.Module, rank: int) -> None:
+        """After the last step, with the trained (unwrapped) model."""
 
 
 def load_val_batches(cache: Path, manifest: dict, cfg: Config, device) -> list[dict[str, Any]]:
     """The first ``val_batches * batch_size`` validation pairs, balanced over groups, in a fixed
     order: the same samples in every run with the same cache."""
+    import pandas as pd
     import pyarrow.parquet as pq
-
-    from catvton.data.encode import decode_batch, split_files
 
     files = split_files(cache, "val")
     if not files:
@@ -62,32 +55,38 @@ def load_val_batches(cache: Path, manifest: dict, cfg: Config, device) -> list[d
     n = cfg.train.val_batches * cfg.train.batch_size
     groups = sorted(table["group"].unique())
     per_group = max(1, n // max(1, len(groups)))
-    picked = [table[table["group"] == g].head(per_group) for g in groups]
-    import pandas as pd
-
-    table = pd.concat(picked).reset_index(drop=True)
+    table = pd.concat([table[table["group"] == g].head(per_group) for g in groups]).reset_index(drop=True)
     batches = []
     for i in range(0, len(table), cfg.train.batch_size):
         chunk = {c: table[c].to_numpy()[i:i + cfg.train.batch_size] for c in table.columns}
-        b = decode_batch(chunk, manifest)
-        batches.append({k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()})
+        batches.append(_to_device(decode_batch(chunk, manifest), device))
     return batches
+
+
+def shard_micro_batches(shard, manifest: dict, cfg: Config, device, first_epoch: int) -> Iterator[tuple[int, dict]]:
+    """``(epoch, micro-batch)`` from this worker's shard, epoch after epoch, forever; each epoch
+    reshuffled locally with ``train.seed + epoch``. The stream runs on across epoch ends, so one
+    optimizer step's accumulation may take micro-batches from two epochs."""
+    epoch = first_epoch
+    while True:
+        for np_batch in shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy",
+                                           local_shuffle_buffer_size=4 * cfg.train.batch_size,
+                                           local_shuffle_seed=cfg.train.seed + epoch):
+            yield epoch, _to_device(decode_batch(np_batch, manifest), device)
+        epoch += 1
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry. ``config``: ``cfg`` (Config.to_dict()), ``cache_dir``, ``run_dir``,
-    ``fault_marker`` (test-only failure switch), ``dump_dir`` (test-only: each rank's weights at
-    the end), ``log_every`` (steps between metric reports)."""
+    ``log_every`` (steps between metric reports), ``hooks`` (a :class:`WorkerHooks` or None)."""
     import ray.train
     import ray.train.torch
     import ray.util
     from ray.train import Checkpoint
 
-    from catvton.data.encode import decode_batch, load_manifest, load_text_embeds
-    from catvton.train.tracking import Tracker, plot_loss_curve
-
     cfg = config_from_dict(config["cfg"])
     cache, run_dir = Path(config["cache_dir"]), Path(config["run_dir"])
+    hooks: WorkerHooks | None = config.get("hooks")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -96,19 +95,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     manifest = load_manifest(cache)
     n_train = sum(manifest["counts"]["train"].values())
-    total = total_steps(n_train, cfg, world)
-    model = S.build_transformer(cfg, device, dtype)
-    params = S.trainable_parameters(model)
-    optimizer, scheduler = S.make_optimizer(cfg, params, total)
+    total = total_steps(cfg, n_train, world)
+    model = build_transformer(cfg, device, dtype)
+    params = trainable_parameters(model)
+    optimizer, scheduler = make_optimizer(cfg, params, total)
     generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
     latent_hw = tuple(manifest["latent_shape"][1:])
-    text = S.TextContext(load_text_embeds(cache), latent_hw, device, dtype)
+    text = TextContext(load_text_embeds(cache), latent_hw, device, dtype)
 
     step, history = 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            step, history = S.load_checkpoint(Path(d), model, optimizer, scheduler, cfg, generator)
+            step, history = load_checkpoint(Path(d), model, optimizer, scheduler, cfg, generator)
         if rank == 0:
             print(f"[catvton] resumed from step {step} of {total}")
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -123,7 +122,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / PLACEMENT_GROUP).write_text(pg.id.hex())
     val_batches = load_val_batches(cache, manifest, cfg, device) if rank == 0 else []
-    samples = _load_samples(cache) if rank == 0 else None
+    samples = load_samples(cache) if rank == 0 else None
     last_checkpoint = config.get("last_checkpoint", "")
 
     def report(metrics: dict[str, Any], with_checkpoint: bool) -> None:
@@ -137,7 +136,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                S.save_checkpoint(Path(tmp), model, optimizer, scheduler, metrics["step"], history, cfg, generator)
+                save_checkpoint(Path(tmp), model, optimizer, scheduler, metrics["step"], history, cfg, generator)
                 plot_loss_curve(history, run_dir / "loss_curve.png", title=f"{cfg.run.name}: flow-matching loss")
                 if samples is not None:
                     _sample_grid(model, samples, cfg, run_dir / f"samples_step{metrics['step']:06d}.png")
@@ -146,73 +145,53 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         last_checkpoint = f"step {metrics['step']}"  # reported; Ray names its folder
 
     if step == 0 and rank == 0:
-        m = {"step": 0, "epoch": 0, **S.fixed_val_loss(model, val_batches, text, cfg)}
+        m = {"step": 0, "epoch": 0, **fixed_val_loss(model, val_batches, text, cfg)}
         history.append(m)
         tracker.log(m, 0)
 
-    shard = ray.train.get_dataset_shard("train")
-    epoch = step // max(1, steps_per_epoch(n_train, cfg, world))
-    micro, window, t0, steps_since = 0, [], time.perf_counter(), 0
+    loss_fn = functools.partial(fill_loss, text=text, cfg=cfg, generator=generator)
+    stream = shard_micro_batches(ray.train.get_dataset_shard("train"), manifest, cfg, device,
+                                 first_epoch=step // steps_per_epoch(cfg, n_train, world))
+    t0, steps_since = time.perf_counter(), 0
     while step < total:
-        for np_batch in shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy",
-                                           local_shuffle_buffer_size=4 * cfg.train.batch_size,
-                                           local_shuffle_seed=cfg.train.seed + epoch):
-            batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in decode_batch(np_batch, manifest).items()}
-            loss = S.fill_loss(ddp_model, batch, text, cfg, generator) / cfg.train.grad_accum
-            micro += 1
-            sync = micro % cfg.train.grad_accum == 0
-            if world > 1 and not sync:
-                with ddp_model.no_sync():
-                    loss.backward()
-            else:
-                loss.backward()
-            window.append(float(loss.detach()) * cfg.train.grad_accum)
-            if not sync:
-                continue
-            if cfg.train.max_grad_norm > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm))
-            else:
-                grad_norm = float("nan")
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            mean_loss = _all_mean(sum(window) / len(window), world)
-            window = []
-            if not math.isfinite(mean_loss):
-                # Every rank sees the same all-reduced loss, so all stop here together. Stopping
-                # cleanly (not raising) keeps Ray from retrying a run that would fail the same way.
-                message = (f"loss became {mean_loss} at step {step}; the run stopped. Last good checkpoint: "
-                           f"{last_checkpoint or 'none yet'} (under {config['cfg']['run']['storage_path']}). "
-                           "Lower train.lr or check the data.")
-                if rank == 0:  # Ray's Result keeps checkpointed metrics: leave the reason in a file too
-                    (run_dir / STOPPED).write_text(message + "\n")
-                ray.train.report({"step": step, "loss": mean_loss, "stopped": message})
-                tracker.close()
-                return
-            _maybe_inject_failure(config, step, rank, world)
-            steps_since += 1
-            metrics = {"step": step, "epoch": epoch, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
-                       "grad_norm": grad_norm, **_memory(device)}
-            do_val = step % cfg.train.val_every == 0 or step == total
-            do_ckpt = step % cfg.train.checkpoint_every == 0 or step == total
-            if do_val and rank == 0:
-                metrics.update(S.fixed_val_loss(model, val_batches, text, cfg))
-            if do_val or do_ckpt or step % config.get("log_every", 5) == 0:
-                # mean wall time of the steps since the last report, report cost included
-                metrics["sec_per_step"] = (time.perf_counter() - t0) / steps_since
-                report(metrics, with_checkpoint=do_ckpt)
-                t0, steps_since = time.perf_counter(), 0
-            if step >= total:
-                break
-        epoch += 1
+        drawn = [next(stream) for _ in range(cfg.train.grad_accum)]
+        epoch = drawn[-1][0]
+        result = train_step(ddp_model, [batch for _, batch in drawn], loss_fn, optimizer, scheduler, params,
+                            cfg.train.max_grad_norm)
+        step += 1
+        mean_loss = _all_mean(result.loss, world)
+        if not math.isfinite(mean_loss):
+            # Every rank sees the same all-reduced loss, so all stop here together. Stopping
+            # cleanly (not raising) keeps Ray from retrying a run that would fail the same way.
+            message = non_finite_message(mean_loss, step, last_checkpoint, storage=cfg.run.storage_path)
+            if rank == 0:  # Ray's Result keeps checkpointed metrics: leave the reason in a file too
+                (run_dir / STOPPED).write_text(message + "\n")
+            ray.train.report({"step": step, "loss": mean_loss, "stopped": message})
+            tracker.close()
+            return
+        if hooks is not None:
+            hooks.after_step(step=step, rank=rank, world=world, run_dir=run_dir)
+        steps_since += 1
+        metrics = {"step": step, "epoch": epoch, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
+                   "grad_norm": result.grad_norm, **_memory(device)}
+        do_val = step % cfg.train.val_every == 0 or step == total
+        do_ckpt = step % cfg.train.checkpoint_every == 0 or step == total
+        if do_val and rank == 0:
+            metrics.update(fixed_val_loss(model, val_batches, text, cfg))
+        if do_val or do_ckpt or step % config.get("log_every", 5) == 0:
+            # mean wall time of the steps since the last report, report cost included
+            metrics["sec_per_step"] = (time.perf_counter() - t0) / steps_since
+            report(metrics, with_checkpoint=do_ckpt)
+            t0, steps_since = time.perf_counter(), 0
     if rank == 0:
         plot_loss_curve(history, run_dir / "loss_curve.png", title=f"{cfg.run.name}: flow-matching loss")
     tracker.close()
-    if config.get("dump_dir"):  # test hook: every rank's trainable weights, to compare ranks
-        Path(config["dump_dir"]).mkdir(parents=True, exist_ok=True)
-        torch.save({n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
-                   Path(config["dump_dir"]) / f"rank{rank}.pt")
+    if hooks is not None:
+        hooks.at_end(model=model, rank=rank)
+
+
+def _to_device(batch: dict[str, Any], device) -> dict[str, Any]:
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
 def _memory(device) -> dict[str, float]:
@@ -235,30 +214,8 @@ def _all_mean(value: float, world: int) -> float:
     return float(t.item()) / world
 
 
-def _maybe_inject_failure(config: dict[str, Any], step: int, rank: int, world: int) -> None:
-    """Test-only: the last worker dies (once per run) at ``train.fail_at_step``."""
-    fail_at = config["cfg"]["train"]["fail_at_step"]
-    marker = config.get("fault_marker")
-    if not fail_at or step != fail_at or rank != world - 1 or not marker or os.path.exists(marker):
-        return
-    Path(marker).parent.mkdir(parents=True, exist_ok=True)
-    Path(marker).write_text(f"worker {rank} killed at step {step}\n")
-    print(f"[catvton] fault injection: worker {rank} exits at step {step}", flush=True)
-    os._exit(1)
-
-
-def _load_samples(cache: Path) -> dict[str, np.ndarray] | None:
-    path = cache / "samples.npz"
-    if not path.is_file():
-        return None
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
-
-
 def _sample_grid(model, samples: dict[str, np.ndarray], cfg: Config, path: Path) -> None:
     """garment | masked person | result | ground truth, for the fixed validation pairs."""
-    from catvton.infer.tryon import TryOn, grid_image
-
     tryon = TryOn.from_parts(cfg, transformer=model)
     n = min(cfg.run.samples, len(samples["canvas"]))
     canvases = samples["canvas"][:n].astype(np.float32) / 255.0

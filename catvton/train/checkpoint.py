@@ -1,0 +1,83 @@
+"""Checkpoints of a training run: the trained weights in a diffusers-loadable form, and the
+optimizer, scheduler, step, RNG states and loss history to resume from.
+
+The folder's layout and file names are :mod:`catvton.artifacts`' (its module docstring shows it);
+this module only writes and reads them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from catvton import artifacts
+from catvton.config import Config
+
+
+def lora_metadata(model: torch.nn.Module) -> dict[str, Any]:
+    """The LoRA's peft config (rank, alpha, targets), stored in the safetensors metadata so that
+    diffusers loads it with the right scale."""
+    return model.peft_config["default"].to_dict()
+
+
+def save_weights(model: torch.nn.Module, folder: Path, cfg: Config) -> None:
+    """The trained weights: ``method=lora`` the LoRA in diffusers format
+    (:data:`~catvton.artifacts.LORA_WEIGHTS`), ``method=full`` the whole transformer
+    (:data:`~catvton.artifacts.FULL_WEIGHTS`, ``save_pretrained``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if cfg.train.method == "lora":
+        from diffusers import FluxFillPipeline
+        from peft.utils import get_peft_model_state_dict
+
+        state = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+        FluxFillPipeline.save_lora_weights(folder, transformer_lora_layers=state, weight_name=artifacts.LORA_WEIGHTS,
+                                           transformer_lora_adapter_metadata=lora_metadata(model))
+    else:
+        model.save_pretrained(folder / artifacts.FULL_WEIGHTS)
+
+
+def load_weights(model: torch.nn.Module, folder: Path, cfg: Config) -> None:
+    """Load what :func:`save_weights` wrote into a model built by
+    :func:`catvton.train.engine.build_transformer`."""
+    if cfg.train.method == "lora":
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        state = load_file(str(folder / artifacts.LORA_WEIGHTS))
+        # diffusers prefixes the keys with "transformer."; peft's own names do not have it
+        state = {k.removeprefix("transformer."): v for k, v in state.items()}
+        result = set_peft_model_state_dict(model, state)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise RuntimeError(f"checkpoint {folder} has LoRA keys the model lacks: {unexpected[:3]}...")
+    else:
+        from diffusers import FluxTransformer2DModel
+
+        src = FluxTransformer2DModel.from_pretrained(folder / artifacts.FULL_WEIGHTS)
+        model.load_state_dict(src.state_dict())
+
+
+def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer, scheduler, step: int, history: list[dict],
+                    cfg: Config, generator: torch.Generator) -> None:
+    """A whole checkpoint folder: weights, training state (optimizer, scheduler, ``step``, the
+    loss ``history``, the global and the noise ``generator``'s RNG states) and the config."""
+    save_weights(model, folder, cfg)
+    artifacts.save_training_state(folder, {
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+        "history": history, "torch_rng": torch.get_rng_state(), "generator": generator.get_state()})
+    (folder / artifacts.CHECKPOINT_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+
+def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer, scheduler, cfg: Config,
+                    generator: torch.Generator) -> tuple[int, list[dict]]:
+    """Restore what :func:`save_checkpoint` wrote; returns (step, loss history)."""
+    load_weights(model, folder, cfg)
+    state = artifacts.load_training_state(folder)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    generator.set_state(state["generator"])
+    return int(state["step"]), list(state["history"])

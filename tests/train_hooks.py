@@ -1,0 +1,59 @@
+"""Worker hooks the training tests hand :func:`catvton.train.job.fit` (``worker_hooks=``): fault
+injection and weight dumps live here, in the tests, not in the training configuration.
+
+Ray workers unpickle these objects but cannot import this module (``tests/`` is not on their
+path): call :func:`by_value` first, which makes Ray's cloudpickle ship the classes' code.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+FAULT_MARKER = ".fault_injected"
+"""Written to the run folder by :class:`FailOnce` just before the worker dies."""
+
+
+def by_value() -> None:
+    """Pickle this module's classes by value, so that Ray workers can load them."""
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+class FailOnce:
+    """The last worker dies (its process exits) after optimizer step ``step``, once per run: a
+    marker in the run folder keeps the restarted workers alive."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def after_step(self, *, step: int, rank: int, world: int, run_dir: Path) -> None:
+        marker = Path(run_dir) / FAULT_MARKER
+        if step != self.step or rank != world - 1 or marker.exists():
+            return
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"worker {rank} killed at step {step}\n")
+        print(f"[test] fault injection: worker {rank} exits at step {step}", flush=True)
+        os._exit(1)
+
+    def at_end(self, *, model: torch.nn.Module, rank: int) -> None:
+        pass
+
+
+class DumpWeights:
+    """Each rank saves its trainable weights to ``<folder>/rank<r>.pt`` at the end, to compare ranks."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def after_step(self, *, step: int, rank: int, world: int, run_dir: Path) -> None:
+        pass
+
+    def at_end(self, *, model: torch.nn.Module, rank: int) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        torch.save({n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+                   self.folder / f"rank{rank}.pt")
