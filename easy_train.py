@@ -55,6 +55,7 @@ def setup(
     from catvton.data.report import write_report
     from catvton.data.scan import scan
     from catvton.data.source import check_columns, resolve_source
+    from catvton.offline import resolve
     from catvton.ray_utils import init_ray
 
     overrides = list(set_ or [])
@@ -62,6 +63,7 @@ def setup(
         overrides.append(f"data.source={data}")
     cfg = _load(config, overrides)
     typer.echo(f"data source: {cfg.data.source}")
+    cfg = resolve(cfg, models=False)  # the synthetic set, built once when asked for
     source = resolve_source(cfg.data)
     missing = check_columns(source)
     if missing:
@@ -97,7 +99,7 @@ def _plan_or_refuse(cfg, gpu: str) -> None:
 
 def _findings(outcome, history: list[dict]) -> list[str]:
     """Problems a short run can reveal, each with what to do."""
-    from catvton.data.encode import load_manifest
+    from catvton.cache.read import load_manifest
 
     found = []
     manifest = load_manifest(outcome.cache_dir)
@@ -128,6 +130,8 @@ def test(
     """A short proof run: loss curve, memory report, errors found (exit 1 if problems were found)."""
     import json
 
+    from catvton.artifacts import loss_history
+    from catvton.offline import resolve
     from catvton.ray_utils import init_ray
     from catvton.train.job import run_job, summary_lines
 
@@ -136,11 +140,8 @@ def test(
     cfg.run.name = cfg.run.name + "-test"
     _plan_or_refuse(cfg, gpu)
     init_ray()
-    outcome = run_job(cfg)
-    import torch
-
-    state = torch.load(outcome.checkpoint_dir / "training_state.pt", weights_only=False)
-    history = state["history"]
+    outcome = run_job(resolve(cfg))
+    history = loss_history(outcome.checkpoint_dir)
     found = _findings(outcome, history)
     memory = {k: max((h.get(k, 0.0) for h in history), default=0.0) for k in ("peak_rss_mb", "peak_cuda_mb")}
     report = {"steps": outcome.metrics.get("step"), "final": outcome.metrics, "memory_mb": memory,
@@ -168,6 +169,7 @@ def full(
     set_: SetOpt = None,
 ) -> None:
     """The full training run through the same Ray job (re-running resumes), optionally published."""
+    from catvton.offline import resolve
     from catvton.publish import PublishError, build_upload_folder, check_repo_id, hub_token, push
     from catvton.ray_utils import init_ray
     from catvton.train.job import run_job, summary_lines
@@ -185,15 +187,15 @@ def full(
             raise typer.Exit(2)
     cfg = _load(config, list(set_ or []) + [f"train.epochs={epochs}", "train.max_steps=0"])
     init_ray()
-    outcome = run_job(cfg)
+    outcome = run_job(resolve(cfg))
     typer.echo("\n".join(summary_lines(outcome)))
     if not push_to_hub:
         return
-    from catvton.eval.evaluate import evaluate
-    from catvton.eval.tryon_eval import held_out_samples
+    from catvton.eval.report import evaluate
+    from catvton.eval.samples import held_out_samples
 
     samples = held_out_samples(outcome.config, "test", max_per_group=eval_pairs or None)
-    report = evaluate(outcome.config, outcome.weights_dir, samples, outcome.weights_dir / "eval",
+    report = evaluate(outcome.config, outcome.weights_dir, samples, outcome.weights_dir / "eval", ray_data=True,
                       source=f"{outcome.config.data.source} test split")
     typer.echo(f"evaluation: {outcome.weights_dir / 'eval' / 'report.md'} ({', '.join(report['groups'])})")
     folder = build_upload_folder(outcome.weights_dir, outcome.run_dir / "hub-upload", hub_model_id)

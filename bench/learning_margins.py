@@ -1,12 +1,18 @@
-"""Does the default job learn? For each seed: run the default training job, then score the
-alpha base, base + LoRA and a grey fill on held-out (test-split) pairs per garment group.
+"""Does the default job learn? For each seed: the default training job with ``train.seed=N``, then
+the one evaluation (:func:`catvton.eval.report.evaluate`: the alpha base, base + LoRA and a grey
+fill on every held-out (test-split) pair, one seed per pair) per garment group.
 
-    python bench/learning_margins.py --seeds 0 1 2          # ~6 min a seed on 2 CPUs
+    python bench/learning_margins.py --seeds 0 1 2          # ~15 min a seed on 2 shared CPUs
 
-Prints, per seed, the lower-body val loss at step 0 and at the end, and masked PSNR / SSIM per
-group; then the smallest margins over the seeds (LoRA - alpha and LoRA - grey on lower and full;
-LoRA - alpha on upper). docs/PERFORMANCE.md records them; tests/test_learning.py asserts half
-of the smallest.
+A finished run of the same name (``<run.output_dir>/tiny-lora-seedN`` with its exported ``lora/``
+and ``final_metrics.json``, its checkpoints in ``run.storage_path``) is scored as it is, not
+trained again: its ``training_config.json`` must be the requested job's (else the bench stops
+and says so), and it is scored against the base and alpha it was trained on.
+
+Prints, per seed, the lower-body val loss at step 0 and at the end, and masked_* / half_* PSNR and
+SSIM per group; then the smallest margins over the seeds (LoRA - alpha and LoRA - grey on lower
+and full; LoRA - alpha on upper). docs/PERFORMANCE.md records them; tests/test_learning.py
+asserts half of the smallest.
 """
 
 from __future__ import annotations
@@ -15,36 +21,84 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+EVALUATION = "catvton.eval.report.evaluate"
+"""Marks a per-seed result of the unified evaluation (results of an older path are recomputed)."""
+COMPARED = ("train", "lora", "data", "canvas", "mask", "infer")
+"""Config sections a reused run must share with the requested job."""
 
-def run_seed(seed: int, config: str, extra: list[str]) -> dict:
-    import torch
 
+def finished_run(cfg) -> tuple[Path, Path, dict[str, Any]] | None:
+    """``(weights folder, last checkpoint, trained config dict)`` of a finished run named
+    ``cfg.run.name``, or None when there is none to reuse."""
+    from catvton import artifacts
+    from catvton.train.job import run_dir, storage_path
+
+    out = run_dir(cfg)
+    weights = out / "lora"
+    if not ((weights / artifacts.LORA_WEIGHTS).is_file() and (out / artifacts.FINAL_METRICS).is_file()):
+        return None
+    trained = json.loads((weights / artifacts.TRAINING_CONFIG).read_text())
+    wanted = cfg.to_dict()
+    differ = [f"{section}.{k}: trained {trained[section][k]!r}, asked {v!r}"
+              for section in COMPARED for k, v in wanted[section].items()
+              if k in trained.get(section, {}) and trained[section][k] != v]
+    if differ:
+        raise SystemExit(f"{out} is a finished run of another job ({'; '.join(differ[:4])}): delete it or pick "
+                         "another run.output_dir")
+    step = json.loads((out / artifacts.FINAL_METRICS).read_text()).get("step")
+    for ckpt in sorted(Path(storage_path(cfg)).glob(f"{cfg.run.name}/checkpoint_*"), reverse=True):
+        if (ckpt / artifacts.TRAINING_STATE).is_file() and artifacts.load_training_state(ckpt)["step"] == step:
+            return weights, ckpt, trained
+    raise SystemExit(f"{out} finished at step {step} but no checkpoint of that step is in "
+                     f"{storage_path(cfg)}/{cfg.run.name}: set run.storage_path to the run's")
+
+
+def run_seed(seed: int, config: str, extra: list[str], ray_data: bool = False) -> dict:
+    """Train (or reuse) the default job with ``train.seed=seed`` and evaluate it on every
+    held-out pair; the report goes to ``<run>/eval``."""
+    from catvton.artifacts import loss_history
     from catvton.config import load_config
-    from catvton.eval.tryon_eval import compare_base_and_lora
-    from catvton.train.job import run_job
+    from catvton.eval.report import evaluate
+    from catvton.eval.samples import held_out_samples
+    from catvton.offline import resolve
+    from catvton.train.job import run_dir, run_job
 
     cfg = load_config(config, extra + [f"train.seed={seed}", f"run.name=tiny-lora-seed{seed}", "run.wandb_mode=disabled"])
-    outcome = run_job(cfg)
-    history = torch.load(outcome.checkpoint_dir / "training_state.pt", weights_only=False)["history"]
-    vals = [h for h in history if "val_loss_lower" in h]
-    scores = compare_base_and_lora(outcome.config, outcome.weights_dir, split="test",
-                                   grid_dir=outcome.run_dir / "eval")
-    return {"seed": seed, "val_loss_lower_start": vals[0]["val_loss_lower"], "val_loss_lower_end": vals[-1]["val_loss_lower"],
-            "scores": scores, "run_dir": str(outcome.run_dir)}
+    reused = finished_run(cfg)
+    if reused is None:
+        cfg = resolve(cfg)
+        outcome = run_job(cfg)
+        weights, checkpoint = outcome.weights_dir, outcome.checkpoint_dir
+    else:
+        weights, checkpoint, trained = reused
+        # score against the very base and alpha folders the LoRA was trained on
+        cfg.model.base, cfg.model.transformer_override = trained["model"]["base"], trained["model"]["transformer_override"]
+        cfg = resolve(cfg)
+    vals = [h for h in loss_history(checkpoint) if "val_loss_lower" in h]
+    report = evaluate(cfg, weights, held_out_samples(cfg, "test"), run_dir(cfg) / "eval", ray_data=ray_data,
+                      source=f"{cfg.data.source} test split")
+    return {"seed": seed, "evaluation": EVALUATION, "reused": reused is not None,
+            "val_loss_lower_start": vals[0]["val_loss_lower"], "val_loss_lower_end": vals[-1]["val_loss_lower"],
+            "groups": report["groups"], "absent": report["absent"], "run_dir": str(run_dir(cfg))}
 
 
 def margins(result: dict) -> dict[str, float]:
-    s = result["scores"]
+    """LoRA - alpha and LoRA - grey per metric on lower and full, LoRA - alpha on upper (higher is
+    better for all four metrics), and the lower-body val loss ratio end / start."""
+    from catvton.eval.report import PER_IMAGE
+
+    s = result["groups"]
     out = {}
     for g in ("lower", "full"):
-        for m in ("psnr", "ssim"):
+        for m in PER_IMAGE:
             out[f"{g}_{m}_vs_alpha"] = s[g]["lora"][m] - s[g]["base"][m]
             out[f"{g}_{m}_vs_grey"] = s[g]["lora"][m] - s[g]["grey"][m]
-    for m in ("psnr", "ssim"):
+    for m in PER_IMAGE:
         out[f"upper_{m}_vs_alpha"] = s["upper"]["lora"][m] - s["upper"]["base"][m]
     out["val_lower_end_over_start"] = result["val_loss_lower_end"] / result["val_loss_lower_start"]
     return out
@@ -55,34 +109,37 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--ray-data", action="store_true", help="generate with a Ray Data actor pool (same numbers)")
     p.add_argument("--out", default=str(ROOT / "outputs" / "learning_margins.json"))
     args = p.parse_args()
 
+    from catvton.eval.report import PER_IMAGE
     from catvton.ray_utils import init_ray
 
     init_ray()
     results = []
     for seed in args.seeds:  # each seed's result is kept as it finishes: a crash loses one seed, not all
         done = Path(args.out).with_name(f"{Path(args.out).stem}_seed{seed}.json")
-        if done.is_file():
+        if done.is_file() and json.loads(done.read_text()).get("evaluation") == EVALUATION:
             results.append(json.loads(done.read_text()))
             continue
-        results.append(run_seed(seed, args.config, args.set))
+        results.append(run_seed(seed, args.config, args.set, ray_data=args.ray_data))
         done.parent.mkdir(parents=True, exist_ok=True)
         done.write_text(json.dumps(results[-1], indent=2) + "\n")
         print(f"seed {seed} done: {done}", flush=True)
     for r in results:
         print(f"\nseed {r['seed']}: lower val loss {r['val_loss_lower_start']:.4f} -> {r['val_loss_lower_end']:.4f}")
-        print("  group  pairs pids | PSNR alpha  LoRA  grey | SSIM alpha  LoRA  grey")
-        for g, s in r["scores"].items():
-            print(f"  {g:6s} {s['pairs']:5d} {s['pids']:4d} | {s['base']['psnr']:10.2f} {s['lora']['psnr']:5.2f} "
-                  f"{s['grey']['psnr']:5.2f} | {s['base']['ssim']:10.3f} {s['lora']['ssim']:5.3f} {s['grey']['ssim']:5.3f}")
+        print("  group  pairs pids | " + " | ".join(f"{m:>11s} alpha  LoRA  grey" for m in PER_IMAGE))
+        for g, s in r["groups"].items():
+            cells = [f"{'':>11s} " + " ".join(f"{s[k][m]:5.2f}" if "psnr" in m else f"{s[k][m]:5.3f}"
+                                               for k in ("base", "lora", "grey")) for m in PER_IMAGE]
+            print(f"  {g:6s} {s['pairs']:5d} {s['pids']:4d} | " + " | ".join(cells))
     all_m = [margins(r) for r in results]
     smallest = {k: min(m[k] for m in all_m) for k in all_m[0]}
     smallest["val_lower_end_over_start"] = max(m["val_lower_end_over_start"] for m in all_m)
     print("\nsmallest margin over seeds (largest for the val-loss ratio):")
     for k, v in smallest.items():
-        print(f"  {k:28s} {v:+.4f}")
+        print(f"  {k:32s} {v:+.4f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"results": results, "margins": all_m, "smallest": smallest}, indent=2) + "\n")
     print(f"\nwrote {args.out}")

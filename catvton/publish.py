@@ -18,12 +18,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from catvton.artifacts import LORA_WEIGHTS, METRICS, REPORT_JSON, REPORT_MD, TRAINING_CONFIG
 from catvton.config import config_from_dict
-from catvton.data.schema import HUB_DATASET_ID
+from catvton.eval.report import evaluation_table
+from catvton.schema import HUB_DATASET_ID
 
-WEIGHTS = "pytorch_lora_weights.safetensors"
-OPTIONAL = ("training_config.json", "metrics.json", "trials.csv", "trials.json", "sweep.png")
-EVAL_FILES = ("report.md", "report.json")
+OPTIONAL = (TRAINING_CONFIG, METRICS, "trials.csv", "trials.json", "sweep.png")
+EVAL_FILES = (REPORT_MD, REPORT_JSON)
 TOKEN_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -51,13 +52,13 @@ def build_upload_folder(lora_dir: str | Path, out: str | Path, repo_id: str) -> 
     """Write the folder that would be uploaded (replacing ``out``) and return it."""
     src, out = Path(lora_dir), Path(out)
     check_repo_id(repo_id)
-    if not (src / WEIGHTS).is_file():
-        raise PublishError(f"{src} has no {WEIGHTS}: give a release folder (ray_jobs/tune.py) or a run's "
+    if not (src / LORA_WEIGHTS).is_file():
+        raise PublishError(f"{src} has no {LORA_WEIGHTS}: give a release folder (ray_jobs/tune.py) or a run's "
                            "lora/ folder (ray_jobs/train.py)")
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    shutil.copy2(src / WEIGHTS, out / WEIGHTS)
+    shutil.copy2(src / LORA_WEIGHTS, out / LORA_WEIGHTS)
     for name in OPTIONAL:
         if (src / name).is_file():
             shutil.copy2(src / name, out / name)
@@ -77,10 +78,10 @@ def _read_json(path: Path) -> dict[str, Any]:
 def model_card(folder: Path, repo_id: str) -> str:
     """A Hub model card: front matter, what it is, data and rules, hyperparameters, sweep and
     evaluation tables, and how to use it."""
-    cfg_dict = _read_json(folder / "training_config.json")
+    cfg_dict = _read_json(folder / TRAINING_CONFIG)
     cfg = config_from_dict(cfg_dict) if cfg_dict else None
-    metrics = _read_json(folder / "metrics.json")
-    report = _read_json(folder / "eval" / "report.json")
+    metrics = _read_json(folder / METRICS)
+    report = _read_json(folder / "eval" / REPORT_JSON)
     base = cfg.model.base if cfg else "black-forest-labs/FLUX.1-Fill-dev"
     override = cfg.model.transformer_override if cfg else None
     lines = [
@@ -132,7 +133,11 @@ def model_card(folder: Path, repo_id: str) -> str:
         shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {v:.6g} |" for k, v in shown.items()]
     if report:
-        lines += ["", "## Evaluation", "", evaluation_table(report)]
+        lines += ["", "## Evaluation", "",
+                  f"Held-out pairs ({report.get('source') or 'test split'}): the base, the base + this LoRA and a "
+                  "grey fill of the masked region (the trivial reference), one seed per pair "
+                  "(`catvton.eval.report.evaluate`; `eval/report.md` has the grids).", "",
+                  evaluation_table(report)]
     lines += [
         "",
         "## Usage",
@@ -159,22 +164,6 @@ def model_card(folder: Path, repo_id: str) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def evaluation_table(report: dict[str, Any]) -> str:
-    """Markdown: one line per group and metric, base vs LoRA with the delta."""
-    rows = ["| group | metric | base | LoRA | delta |", "|---|---|---|---|---|"]
-    for group, g in report.get("groups", {}).items():
-        for metric in g.get("metrics", []):
-            b, lo = g["base"].get(metric), g["lora"].get(metric)
-            if b is None or lo is None:
-                continue
-            rows.append(f"| {group} ({g['pairs']} pairs) | {metric} | {b:.4f} | {lo:.4f} | {lo - b:+.4f} |")
-    absent = report.get("absent", {})
-    if absent:
-        rows.append("")
-        rows += [f"- `{k}` not computed: {v}" for k, v in absent.items()]
-    return "\n".join(rows)
 
 
 def push(folder: str | Path, repo_id: str, private: bool = False) -> str:

@@ -1,11 +1,15 @@
-"""Evaluate a LoRA against its base on held-out pairs: per garment group (upper / lower / full),
-masked PSNR / SSIM, PSNR / SSIM over the person half, LPIPS, FID and KID where their networks
-are available, and grids (garment | masked person | base | LoRA | ground truth).
+"""Evaluate a LoRA against its base and a grey fill on held-out pairs, per garment group (upper /
+lower / full): masked_psnr / masked_ssim (inside the try-on mask), half_psnr / half_ssim (the whole
+person half), LPIPS, FID and KID where their networks are available, and grids (garment | masked
+person | base | LoRA | ground truth). The same function (catvton.eval.report.evaluate) scores the
+learning benchmark and the model card; generation runs as Ray Data batch inference, one seed per
+pair (--in-process: the same numbers without an actor pool).
 
 Offline default (the tiny base; the test split of the synthetic rows):
 
     python ray_jobs/evaluate.py --lora outputs/tiny-sweep/release
     python ray_jobs/evaluate.py --lora outputs/tiny-lora/lora --max-per-group 32
+    python ray_jobs/evaluate.py --lora outputs/tiny-lora/lora --in-process   # no actor pool, same numbers
 
 On a GPU cluster (the real test split, plus VITON-HD's test set to check that tops stay good):
 
@@ -35,25 +39,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-per-group", type=int, default=None, help="cap the pairs per group (fixed order)")
     p.add_argument("--viton", default=None, help="a VITON-HD-layout folder: score on its paired test set instead")
     p.add_argument("--actors", type=int, default=1, help="Ray Data inference actors (one GPU each on GPUs)")
+    p.add_argument("--in-process", action="store_true", help="generate in this process instead of with Ray Data")
     p.add_argument("--out", default=None, help="report folder (default: <lora>/eval)")
     args = p.parse_args(argv)
 
-    from catvton.eval.evaluate import evaluate
-    from catvton.eval.tryon_eval import held_out_samples
+    from catvton.artifacts import LORA_WEIGHTS, REPORT_JSON, REPORT_MD, TRAINING_CONFIG
+    from catvton.eval.report import evaluate
+    from catvton.eval.samples import held_out_samples
     from catvton.eval.viton import VitonError, viton_samples
+    from catvton.offline import resolve
     from catvton.ray_utils import init_ray
-    from catvton.train.job import resolve_models
 
     lora = Path(args.lora)
-    if not (lora / "pytorch_lora_weights.safetensors").is_file():
-        print(f"error: {lora} has no pytorch_lora_weights.safetensors (give a release or a run's lora/ folder)",
-              file=sys.stderr)
+    if not (lora / LORA_WEIGHTS).is_file():
+        print(f"error: {lora} has no {LORA_WEIGHTS} (give a release or a run's lora/ folder)", file=sys.stderr)
         return 2
-    own = lora / "training_config.json"
+    own = lora / TRAINING_CONFIG
     config = args.config or (own if own.is_file() else ROOT / "configs" / "tiny.yaml")
     cfg = config_or_exit(config, args.set)  # JSON is YAML: the LoRA's own config loads as a preset
-    init_ray()
-    cfg = resolve_models(cfg)
+    if not args.in_process:
+        init_ray()
+    cfg = resolve(cfg)  # offline names (tiny, tiny-alpha, synthetic) -> folders, built once
     try:
         if args.viton:
             samples, source = viton_samples(args.viton, cfg, limit=args.max_per_group), f"VITON-HD {args.viton}"
@@ -65,16 +71,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else lora / "eval"
-    report = evaluate(cfg, lora, samples, out, actors=args.actors, source=source)
+    report = evaluate(cfg, lora, samples, out, ray_data=not args.in_process, actors=args.actors, source=source)
     print(f"\n== evaluation ({source}) ==")
     for group, g in report["groups"].items():
         d = g["delta"]
-        print(f"{group:6s} {g['pairs']:4d} pairs  masked PSNR {g['base']['masked_psnr']:6.2f} -> {g['lora']['masked_psnr']:6.2f} "
-              f"({d['masked_psnr']:+.2f} dB)  masked SSIM {g['base']['masked_ssim']:.3f} -> {g['lora']['masked_ssim']:.3f} "
-              f"({d['masked_ssim']:+.3f})")
+        print(f"{group:6s} {g['pairs']:4d} pairs  masked_psnr {g['base']['masked_psnr']:6.2f} -> {g['lora']['masked_psnr']:6.2f} "
+              f"({d['masked_psnr']:+.2f} dB, grey {g['grey']['masked_psnr']:.2f})  masked_ssim "
+              f"{g['base']['masked_ssim']:.3f} -> {g['lora']['masked_ssim']:.3f} ({d['masked_ssim']:+.3f}, "
+              f"grey {g['grey']['masked_ssim']:.3f})")
     for k, v in report["absent"].items():
         print(f"absent: {k}: {v}")
-    print(f"wrote {out / 'report.json'}, {out / 'report.md'}, " + ", ".join(str(out / f'grid_{g}.png') for g in report["groups"]))
+    print(f"wrote {out / REPORT_JSON}, {out / REPORT_MD}, " + ", ".join(str(out / f'grid_{g}.png') for g in report["groups"]))
     return 0
 
 

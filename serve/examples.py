@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from catvton.data.schema import cloth_group, parse_pose
-from catvton.data.synthetic import synthetic_rows
+from catvton.schema import cloth_group, parse_pose
+from catvton.offline.synthetic import synthetic_rows
 
 
 def product_shot(photo: np.ndarray, mask: np.ndarray) -> np.ndarray:

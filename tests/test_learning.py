@@ -1,6 +1,7 @@
-"""Does the default job learn? (marker ``slow``: the whole default job, ~10 CPU minutes, then
-held-out try-ons.) Thresholds are half of the smallest margins seen over seeds 0, 1 and 2 with
-``python bench/learning_margins.py --seeds 0 1 2`` (docs/PERFORMANCE.md).
+"""Does the default job learn? (marker ``slow``: the whole default job, ~10 CPU minutes, then the
+one evaluation, :func:`catvton.eval.report.evaluate`, on every held-out pair.) Thresholds are half
+of the smallest margins seen over seeds 0, 1 and 2 with ``python bench/learning_margins.py --seeds
+0 1 2`` on the same evaluation (docs/PERFORMANCE.md).
 
     python -m pytest -m slow tests/test_learning.py
 """
@@ -14,15 +15,18 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# smallest margins over 3 seeds (docs/PERFORMANCE.md, "Does the default job learn?"), halved
-HALF_SMALLEST = {  # filled from outputs/learning_margins.json
-    "lower_psnr_vs_alpha": 2.14, "lower_ssim_vs_alpha": 0.092,
-    "lower_psnr_vs_grey": 2.89, "lower_ssim_vs_grey": 0.043,
-    "full_psnr_vs_alpha": 1.81, "full_ssim_vs_alpha": 0.072,
-    "full_psnr_vs_grey": 2.78, "full_ssim_vs_grey": 0.033,
+# smallest margins over 3 seeds (docs/PERFORMANCE.md, "Does the default job learn?"), halved and
+# rounded down; half_psnr margins are not listed: they equal the masked_psnr ones (outside the mask
+# every model keeps the input, so the per-image offset between the two PSNRs cancels in a margin)
+HALF_SMALLEST = {  # from outputs/learning_margins.json, 2026-11-28
+    "lower_masked_psnr_vs_alpha": 2.10, "lower_masked_ssim_vs_alpha": 0.073, "lower_half_ssim_vs_alpha": 0.018,
+    "lower_masked_psnr_vs_grey": 2.91, "lower_masked_ssim_vs_grey": 0.031, "lower_half_ssim_vs_grey": 0.020,
+    "full_masked_psnr_vs_alpha": 1.88, "full_masked_ssim_vs_alpha": 0.056, "full_half_ssim_vs_alpha": 0.023,
+    "full_masked_psnr_vs_grey": 2.87, "full_masked_ssim_vs_grey": 0.024, "full_half_ssim_vs_grey": 0.028,
 }
-# "tops stay about as good as the alpha's": a drop of at most 1 dB and 0.06 SSIM (seen: see the docs)
-UPPER_TOLERANCE = {"upper_psnr_vs_alpha": 1.0, "upper_ssim_vs_alpha": 0.06}
+# "tops stay about as good as the alpha's": a drop of at most 1 dB and 0.06 masked SSIM (seen: at worst
+# -0.55 dB and -0.034)
+UPPER_TOLERANCE = {"upper_masked_psnr_vs_alpha": 1.0, "upper_masked_ssim_vs_alpha": 0.06}
 
 
 def _bench():
@@ -39,6 +43,7 @@ def test_default_job_learns_lower_body_and_keeps_tops(tmp_path, ray_session):
     bench = _bench()
     result = bench.run_seed(0, str(ROOT / "configs" / "tiny.yaml"),
                             [f"run.output_dir={tmp_path / 'out'}", f"run.storage_path={tmp_path / 'ray'}"])
+    assert not result["reused"], "a fresh run: trained here, not found"
     m = bench.margins(result)
     assert m["val_lower_end_over_start"] <= 0.5, m  # the issue's bar: the val loss at least halves
     for k, floor in HALF_SMALLEST.items():
@@ -46,4 +51,5 @@ def test_default_job_learns_lower_body_and_keeps_tops(tmp_path, ray_session):
     for k, tolerance in UPPER_TOLERANCE.items():
         assert m[k] > -tolerance, (k, m[k], tolerance)
     for group in ("lower", "full"):
-        assert result["scores"][group]["pids"] >= 40
+        assert result["groups"][group]["pids"] >= 40
+    assert (Path(result["run_dir"]) / "eval" / "report.json").is_file()

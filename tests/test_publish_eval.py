@@ -48,7 +48,7 @@ def test_fid_kid_through_an_injected_extractor():
 
 
 def test_metrics_without_weights_are_reported_absent_not_faked():
-    from catvton.eval.evaluate import score_group
+    from catvton.eval.report import score_group
 
     rng = np.random.default_rng(1)
     canvas = rng.random((3, 32, 48, 3)).astype(np.float32)
@@ -57,7 +57,7 @@ def test_metrics_without_weights_are_reported_absent_not_faked():
     absent: dict[str, str] = {}
     scores = score_group(canvas, canvas, mask, None, absent)  # perfect results, no extractor
     assert scores["masked_psnr"] > 90 and scores["masked_ssim"] == pytest.approx(1.0)
-    assert scores["psnr"] > 90 and scores["ssim"] == pytest.approx(1.0)
+    assert scores["half_psnr"] > 90 and scores["half_ssim"] == pytest.approx(1.0)
     # no torch-fidelity / torchvision weights here: absent with a reason, and no number under that name
     for name in ("fid", "kid", "lpips"):
         if name in absent:
@@ -171,27 +171,31 @@ def test_release_exports_the_completed_trial_with_the_lowest_val_loss(tmp_path):
 @pytest.fixture(scope="module")
 def lora_folder(tmp_path_factory):
     """A LoRA on the tiny base (random, non-zero B) with sweep metrics and an evaluation report."""
-    from catvton.model.loading import resolve_base
-    from catvton.train import step as S
+    from catvton.offline.tiny_base import ensure_tiny_base
+    from catvton.train.checkpoint import save_weights
+    from catvton.train.engine import build_transformer
 
     tmp = tmp_path_factory.mktemp("lora")
     cfg = load_config(ROOT / "configs/tiny.yaml", ["model.transformer_override=null", "lora.rank=4", "lora.alpha=8.0"])
-    cfg.model.base = resolve_base("tiny")
+    cfg.model.base = str(ensure_tiny_base())
     torch.manual_seed(0)
-    model = S.build_transformer(cfg, torch.device("cpu"), torch.float32)
+    model = build_transformer(cfg, torch.device("cpu"), torch.float32)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.1)
     folder = tmp / "release"
-    S.save_weights(model, folder, cfg)
+    save_weights(model, folder, cfg)
     (folder / "training_config.json").write_text(json.dumps(cfg.to_dict()))
     (folder / "metrics.json").write_text(json.dumps({"trial": "t1", "lr": 4e-3, "rank": 4, "val_loss": 0.4321,
                                                      "metric": "val_loss", "sweep": "s", "trials": 4,
                                                      "completed": 2, "stopped_early": 2}))
     (folder / "eval").mkdir()
-    report = {"groups": {"lower": {"pairs": 12, "pids": 6, "metrics": ["masked_psnr"],
-                                   "base": {"masked_psnr": 12.5}, "lora": {"masked_psnr": 15.25}}},
+    report = {"source": "synthetic test split",
+              "groups": {"lower": {"pairs": 12, "pids": 6, "metrics": ["masked_psnr", "half_ssim"],
+                                   "base": {"masked_psnr": 12.5, "half_ssim": 0.8}, "lora": {"masked_psnr": 15.25, "half_ssim": 0.85},
+                                   "grey": {"masked_psnr": 9.0, "half_ssim": 0.7},
+                                   "delta": {"masked_psnr": 2.75, "half_ssim": 0.05}}},
               "absent": {"lpips": "needs torchvision"}}
     (folder / "eval" / "report.json").write_text(json.dumps(report))
     (folder / "eval" / "report.md").write_text("# report\n")
@@ -217,7 +221,9 @@ def test_dry_run_writes_the_upload_folder_and_leaks_no_token(lora_folder, tmp_pa
             assert SECRET.encode() not in p.read_bytes(), p
     card = (out / "README.md").read_text()
     assert "base_model:" in card and 'pipe.load_lora_weights("someone/catvton-bottoms")' in card
-    assert "| lower (12 pairs) | masked_psnr | 12.5000 | 15.2500 | +2.7500 |" in card
+    assert "| lower (12 pairs) | masked_psnr | 12.5000 | 15.2500 | +2.7500 | 9.0000 |" in card
+    assert "| lower (12 pairs) | half_ssim | 0.8000 | 0.8500 | +0.0500 | 0.7000 |" in card
+    assert "`masked_*` inside the try-on mask, `half_*` over the whole half" in card
     assert "| val_loss | 0.4321 |" in card and "LoRA rank / alpha | 4 / 8" in card
     assert "`lpips` not computed" in card
 

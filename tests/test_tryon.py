@@ -8,7 +8,7 @@ import numpy as np
 
 from catvton.config import load_config
 from catvton.data.canvas import build_sample
-from catvton.data.synthetic import synthetic_rows
+from catvton.offline.synthetic import synthetic_rows
 from catvton.data.validate import check_row, to_rgb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,8 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_tiny_base_two_step_tryon_on_a_pair_builder_canvas():
     from catvton.infer.tryon import TryOn
+    from catvton.offline.tiny_base import ensure_tiny_base
 
     cfg = load_config(ROOT / "configs/tiny.yaml", ["model.transformer_override=null"])
+    cfg.model.base = str(ensure_tiny_base())
     rows = [r for r in synthetic_rows(3, image_size=128, seed=0) if r["pid"] == "id_00000002"]
     rows = [r for r in rows if not r["pose"].endswith("flat")][:2]
     checked = []

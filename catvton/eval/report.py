@@ -1,12 +1,22 @@
-"""Base vs base + LoRA on held-out pairs, per garment group: the numbers and the pictures.
+"""The evaluation: base, base + LoRA and a grey fill on held-out pairs, per garment group.
 
-Generation runs as Ray Data batch inference (:mod:`catvton.eval.batch`), one fixed seed per pair,
-the same for the base and the LoRA. Scores are on the person half against the ground truth:
-masked PSNR / SSIM (inside the mask), PSNR / SSIM over the half, LPIPS, FID and KID. Metrics
-whose networks cannot be loaded here are listed under ``absent`` with the reason, never faked.
+:func:`evaluate` is the one function every figure of the project comes from: the learning
+benchmark (``bench/learning_margins.py``), the slow learning test, ``ray_jobs/evaluate.py``,
+``easy_train.py full --push-to-hub`` and the model card (:func:`evaluation_table`).
 
-Writes ``report.json``, ``report.md`` (base vs LoRA per group, with deltas) and
-``grid_<group>.png`` (garment | masked person | base | LoRA | ground truth).
+Generation goes through :func:`catvton.eval.generate.generate` (in-process or Ray Data: the same
+numbers), one seed per pair (``infer.seed`` + the pair's index in its group), the same seeds for
+the base and the LoRA. The grey fill (the masked region painted mid-grey) is the trivial
+reference a model must beat. Every score is on the person half against the ground truth:
+
+- ``masked_psnr``, ``masked_ssim``: inside the try-on mask (what the model generated);
+- ``half_psnr``, ``half_ssim``: over the whole person half (outside the mask every model keeps
+  the input, so these move with the masked ones, diluted by the unmasked area);
+- ``lpips``, ``fid``, ``kid``: over the half, when their pretrained networks can be loaded; else
+  they are listed under ``absent`` with the reason, never faked.
+
+Writes ``report.json`` (:data:`REPORT_KEYS`; each group :data:`GROUP_KEYS`), ``report.md`` (the
+table with deltas) and ``grid_<group>.png`` (garment | masked person | base | LoRA | ground truth).
 """
 
 from __future__ import annotations
@@ -18,22 +28,39 @@ from typing import Any
 import numpy as np
 import torch
 
+from catvton.artifacts import REPORT_JSON, REPORT_MD
 from catvton.config import Config
 from catvton.eval import metrics as M
+from catvton.eval.generate import generate
+from catvton.infer.tryon import grid_image
 
-PER_IMAGE = ("masked_psnr", "masked_ssim", "psnr", "ssim")
+PER_IMAGE = ("masked_psnr", "masked_ssim", "half_psnr", "half_ssim")
+"""Metrics computed per image and averaged; always present."""
+METRICS = PER_IMAGE + ("lpips", "fid", "kid")
+"""Every metric key a report can hold, in table order."""
+HIGHER_IS_BETTER = {"masked_psnr": True, "masked_ssim": True, "half_psnr": True, "half_ssim": True,
+                    "lpips": False, "fid": False, "kid": False}
+MODELS = ("base", "lora", "grey")
+"""The scored models of a group: the base, the base + LoRA, the grey fill."""
+REPORT_KEYS = ("base", "transformer_override", "lora", "source", "generation", "seed", "steps", "guidance",
+               "groups", "absent", "higher_is_better")
+"""The keys of ``report.json``."""
+GROUP_KEYS = ("pairs", "pids", "metrics", "base", "lora", "grey", "delta")
+"""The keys of each group of a report: ``metrics`` lists the metric keys computed (:data:`METRICS`
+less the absent ones); ``base``, ``lora``, ``grey`` map each to its mean; ``delta`` is LoRA - base."""
 GRID_ROWS = 6
 
 
 def score_group(results: np.ndarray, canvas: np.ndarray, mask: np.ndarray,
                 extractor: torch.nn.Module | None, absent: dict[str, str]) -> dict[str, float]:
-    """Every metric of one model on one group (person halves). Unavailable ones go to ``absent``."""
+    """Every metric of one model on one group (person halves of ``(N, H, 2W, 3)`` canvases).
+    Unavailable ones go to ``absent`` with the reason."""
     w = canvas.shape[2] // 2
     gt, m, pred = canvas[:, :, w:], mask[:, :, w:], results[:, :, w:]
     out = {"masked_psnr": float(M.masked_psnr(pred, gt, m).mean()),
            "masked_ssim": float(M.masked_ssim(pred, gt, m).mean()),
-           "psnr": float(M.half_psnr(pred, gt).mean()),
-           "ssim": float(M.half_ssim(pred, gt).mean())}
+           "half_psnr": float(M.half_psnr(pred, gt).mean()),
+           "half_ssim": float(M.half_ssim(pred, gt).mean())}
     if "lpips" not in absent:
         try:
             out["lpips"] = M.lpips(pred, gt)
@@ -50,49 +77,92 @@ def score_group(results: np.ndarray, canvas: np.ndarray, mask: np.ndarray,
     return out
 
 
-def evaluate(cfg: Config, lora_dir: str | Path, samples: dict[str, dict[str, Any]], out_dir: str | Path,
-             actors: int = 1, extractor: torch.nn.Module | None = None, source: str = "") -> dict[str, Any]:
-    """Generate with the base and with the LoRA on ``samples`` (``{group: {"canvas", "mask",
-    "pid"}}``), score, and write the report files into ``out_dir``. Returns the report."""
-    from catvton.eval.batch import generate
-    from catvton.infer.tryon import grid_image
+def grey_canvases(canvas: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The reference: every canvas with the masked region of its person half filled mid-grey."""
+    w = canvas.shape[2] // 2
+    grey = canvas.copy()
+    grey[:, :, w:] = M.grey_fill(canvas[:, :, w:], mask[:, :, w:])
+    return grey
 
+
+def evaluate(cfg: Config, lora_dir: str | Path, samples: dict[str, dict[str, Any]], out_dir: str | Path, *,
+             ray_data: bool = False, actors: int = 1, batch_size: int = 8,
+             extractor: torch.nn.Module | None = None, source: str = "") -> dict[str, Any]:
+    """Generate with the base and with the LoRA on ``samples`` (``{group: {"canvas", "mask",
+    "pid"}}``, e.g. :func:`catvton.eval.samples.held_out_samples`), score them and the grey fill,
+    and write the report files into ``out_dir``. Returns the report (see the module docstring).
+
+    ``cfg`` names concrete models (entry points resolve offline names first). ``ray_data``,
+    ``actors``, ``batch_size``: how :func:`~catvton.eval.generate.generate` runs (not what it gives).
+    ``extractor``: a feature network for FID/KID instead of Inception."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg_dict = cfg.to_dict()
+    names = list(samples)
+    canvas = np.concatenate([samples[g]["canvas"] for g in names])
+    mask = np.concatenate([samples[g]["mask"] for g in names])
+    seeds = [cfg.infer.seed + i for g in names for i in range(len(samples[g]["canvas"]))]
+    how = dict(ray_data=ray_data, actors=actors, batch_size=batch_size)
+    # every group in one call per model: each model is loaded once
+    generated = {"base": generate(cfg, canvas, mask, seeds, lora=None, **how),
+                 "lora": generate(cfg, canvas, mask, seeds, lora=lora_dir, **how),
+                 "grey": grey_canvases(canvas, mask)}
     absent: dict[str, str] = {}
     groups: dict[str, Any] = {}
-    for group, s in samples.items():
-        canvas, mask = s["canvas"], s["mask"]
-        seeds = [cfg.infer.seed + i for i in range(len(canvas))]
-        r_base = generate(cfg_dict, canvas, mask, seeds, lora=None, actors=actors, use_gpu=cfg.train.use_gpu)
-        r_lora = generate(cfg_dict, canvas, mask, seeds, lora=str(lora_dir), actors=actors, use_gpu=cfg.train.use_gpu)
-        base = score_group(r_base, canvas, mask, extractor, absent)
-        lora = score_group(r_lora, canvas, mask, extractor, absent)
-        groups[group] = {"pairs": len(canvas), "pids": len(set(s["pid"])),
-                         "metrics": [k for k in base if k in lora], "base": base, "lora": lora,
-                         "delta": {k: lora[k] - base[k] for k in base if k in lora}}
-        grid_image(canvas[:GRID_ROWS], mask[:GRID_ROWS], {"base": r_base[:GRID_ROWS], "LoRA": r_lora[:GRID_ROWS]}
-                   ).save(out / f"grid_{group}.png")
+    start = 0
+    for g in names:
+        s = samples[g]
+        end = start + len(s["canvas"])
+        results = {k: v[start:end] for k, v in generated.items()}
+        scores = {k: score_group(results[k], s["canvas"], s["mask"], extractor, absent) for k in MODELS}
+        keys = [k for k in METRICS if all(k in scores[model] for model in MODELS)]
+        groups[g] = {"pairs": len(s["canvas"]), "pids": len(set(s["pid"])), "metrics": keys,
+                     **{model: {k: scores[model][k] for k in keys} for model in MODELS},
+                     "delta": {k: scores["lora"][k] - scores["base"][k] for k in keys}}
+        rows = slice(0, GRID_ROWS)
+        grid_image(s["canvas"][rows], s["mask"][rows], {"base": results["base"][rows], "LoRA": results["lora"][rows]}
+                   ).save(out / f"grid_{g}.png")
+        start = end
     report = {"base": cfg.model.base, "transformer_override": cfg.model.transformer_override,
-              "lora": str(lora_dir), "source": source, "seed": cfg.infer.seed, "steps": cfg.infer.steps,
-              "guidance": cfg.infer.guidance, "groups": groups, "absent": absent,
-              "higher_is_better": {"masked_psnr": True, "masked_ssim": True, "psnr": True, "ssim": True,
-                                   "lpips": False, "fid": False, "kid": False}}
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text(report_markdown(report))
+              "lora": str(lora_dir), "source": source,
+              "generation": f"Ray Data, {actors} actor(s)" if ray_data else "in-process",
+              "seed": cfg.infer.seed, "steps": cfg.infer.steps, "guidance": cfg.infer.guidance,
+              "groups": groups, "absent": absent, "higher_is_better": HIGHER_IS_BETTER}
+    (out / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
+    (out / REPORT_MD).write_text(report_markdown(report))
     return report
 
 
-def report_markdown(report: dict[str, Any]) -> str:
-    from catvton.publish import evaluation_table
+METRIC_NOTE = ("Scores on the person half against the ground truth: `masked_*` inside the try-on mask, `half_*` "
+               "over the whole half; lower is better for `lpips`, `fid`, `kid`.")
 
+
+def evaluation_table(report: dict[str, Any]) -> str:
+    """Markdown: one line per group and metric, base vs LoRA with the delta and the grey-fill
+    reference; then what each metric family means and the metrics not computed, with why."""
+    rows = ["| group | metric | base | LoRA | delta | grey fill |", "|---|---|---|---|---|---|"]
+    for group, g in report.get("groups", {}).items():
+        for metric in g.get("metrics", []):
+            b, lo = g["base"].get(metric), g["lora"].get(metric)
+            if b is None or lo is None:
+                continue
+            grey = g.get("grey", {}).get(metric)
+            rows.append(f"| {group} ({g['pairs']} pairs) | {metric} | {b:.4f} | {lo:.4f} | {lo - b:+.4f} | "
+                        f"{'-' if grey is None else f'{grey:.4f}'} |")
+    rows += ["", METRIC_NOTE]
+    absent = report.get("absent", {})
+    if absent:
+        rows.append("")
+        rows += [f"- `{k}` not computed: {v}" for k, v in absent.items()]
+    return "\n".join(rows)
+
+
+def report_markdown(report: dict[str, Any]) -> str:
     lines = [f"# Evaluation: base vs LoRA ({report['source'] or 'held-out pairs'})", "",
              f"- base: `{report['base']}`" + (f" + `{report['transformer_override']}`" if report["transformer_override"] else ""),
              f"- LoRA: `{report['lora']}`",
-             f"- {report['steps']} steps, guidance {report['guidance']}, seed {report['seed']} + pair index (same noise for both)",
-             "- scores on the person half against the ground truth; masked_* inside the try-on mask; "
-             "lower is better for lpips, fid, kid", "",
+             f"- {report['steps']} steps, guidance {report['guidance']}, seed {report['seed']} + the pair's index "
+             f"in its group (the same noise for base and LoRA); generated {report['generation']}",
+             "- grey fill: the masked region painted mid-grey, the trivial reference", "",
              evaluation_table(report), ""]
     lines += [f"![{g}](grid_{g}.png)" for g in report["groups"]]
     return "\n".join(lines) + "\n"

@@ -6,31 +6,20 @@ which pixels belong to the labels of the requested garment group, then applies t
 :func:`catvton.data.masks.general_mask` as training. Labels are named, not numbered, and checked
 against the model's ``id2label`` when it loads.
 
-How well the auto-masks agree with the dataset's own masks (IoU of the two general masks, per
-garment group, on the validation rows) is one command::
-
-    python -m catvton.infer.automask --parser mattmdjaga/segformer_b2_clothes \\
-        --config configs/l40s.yaml --split val              # real data, real parser
-    python -m catvton.infer.automask --make-tiny /tmp/parser  # a tiny random parser (offline)
-    python -m catvton.infer.automask --parser /tmp/parser      # the command on the offline default
-
-The plan's target is a mean IoU above 0.85 per group on real data with a real parser; a random
-tiny parser only shows that the command runs.
+How well the auto-masks agree with the dataset's own masks (IoU per garment group) is measured
+by ``python -m catvton.eval.automask_iou`` (evaluation sits above inference: this module reads
+no dataset).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from catvton.config import MaskConfig
-from catvton.data.masks import general_mask, iou
+from catvton.data.masks import general_mask
 
 ATR_LABELS = ("Background", "Hat", "Hair", "Sunglasses", "Upper-clothes", "Skirt", "Pants", "Dress", "Belt",
               "Left-shoe", "Right-shoe", "Face", "Left-leg", "Right-leg", "Left-arm", "Right-arm", "Bag", "Scarf")
@@ -61,7 +50,9 @@ class AutoMasker:
     @classmethod
     def load(cls, ref: str, group_labels: dict[str, list[str]] | None = None,
              device: str = "cpu") -> "AutoMasker":
-        """Model and processor from ``ref`` (safetensors only); label names checked against ``id2label``."""
+        """Model and processor from ``ref`` (safetensors only); label names checked against ``id2label``.
+        ``group_labels`` replaces the label names of the groups it names; the others keep
+        :data:`DEFAULT_GROUP_LABELS` (every group needs ids, or its requests would fail)."""
         from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
         if Path(ref).expanduser().exists():
@@ -70,7 +61,7 @@ class AutoMasker:
         processor = AutoImageProcessor.from_pretrained(ref)
         by_name = {str(name).lower(): int(i) for i, name in model.config.id2label.items()}
         problems, group_ids = [], {}
-        for group, names in (group_labels or DEFAULT_GROUP_LABELS).items():
+        for group, names in {**DEFAULT_GROUP_LABELS, **(group_labels or {})}.items():
             missing = [n for n in names if n.lower() not in by_name]
             if missing:
                 problems.append(f"{group}: {missing}")
@@ -114,64 +105,3 @@ def make_tiny_parser(folder: str | Path, seed: int = 0) -> Path:
     SegformerImageProcessor(size={"height": 64, "width": 64}).save_pretrained(folder)
     return folder
 
-
-def agreement(masker: AutoMasker, rows, mask_cfg: MaskConfig) -> dict[str, dict[str, float]]:
-    """IoU of the auto general mask and the dataset mask's general mask, per group.
-
-    ``rows``: ``(group, photo (h, w, 3) uint8, dataset mask (h, w) bool)``."""
-    scores: dict[str, list[float]] = defaultdict(list)
-    for group, photo, mask in rows:
-        _, auto = masker.general(photo, group, mask_cfg)
-        scores[group].append(iou(auto, general_mask(mask, group, mask_cfg)))
-    return {g: {"rows": len(v), "iou_mean": float(np.mean(v)), "iou_median": float(np.median(v)),
-                "share_above_0.85": float(np.mean(np.asarray(v) > 0.85))} for g, v in sorted(scores.items())}
-
-
-def split_rows(cfg, split: str, max_per_group: int):
-    """``(group, photo, mask)`` of the valid person photos of one split, at most ``max_per_group`` each."""
-    from catvton.data.pairs import split_of
-    from catvton.data.source import iter_rows, resolve_source
-    from catvton.data.validate import check_row, to_rgb
-
-    taken: dict[str, int] = defaultdict(int)
-    for row in iter_rows(resolve_source(cfg.data), columns=["images", "mask", "pid", "pose", "cloth_type"]):
-        if split_of(str(row.get("pid")), cfg.data) != split:
-            continue
-        check, photo, mask = check_row(row, cfg.data)
-        # flat and zoom views show no person to parse
-        if not check.valid or check.view in ("flat", "zoom") or taken[check.group] >= max_per_group:
-            continue
-        taken[check.group] += 1
-        yield check.group, to_rgb(photo), mask
-
-
-def main(argv: list[str] | None = None) -> int:
-    from catvton.config import load_config
-
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parser", help="hub id or folder of a transformers segmentation model")
-    ap.add_argument("--config", default="configs/tiny.yaml", help="data and mask sections come from here")
-    ap.add_argument("--set", action="append", default=[], help="dotted override, e.g. data.source=/path")
-    ap.add_argument("--split", default="val", choices=["train", "val", "test"])
-    ap.add_argument("--max-per-group", type=int, default=200)
-    ap.add_argument("--make-tiny", metavar="DIR", help="write a tiny random parser to DIR and stop")
-    ap.add_argument("--out", help="also write the JSON report here")
-    args = ap.parse_args(argv)
-    if args.make_tiny:
-        print(make_tiny_parser(args.make_tiny))
-        return 0
-    if not args.parser:
-        ap.error("--parser is required (or --make-tiny DIR)")
-    cfg = load_config(args.config, args.set)
-    masker = AutoMasker.load(args.parser)
-    report = {"parser": args.parser, "split": args.split, "source": cfg.data.source,
-              "groups": agreement(masker, split_rows(cfg, args.split, args.max_per_group), cfg.mask)}
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
