@@ -20,6 +20,7 @@ import numpy as np
 
 from catvton.config import Config, config_from_dict
 from catvton.data.canvas import to_uint8
+from catvton.infer.tryon import TryOn
 
 
 class TryOnPredictor:
@@ -28,8 +29,6 @@ class TryOnPredictor:
 
     def __init__(self, cfg: dict[str, Any], lora: str | None = None, device: str = "cpu"):
         import torch
-
-        from catvton.infer.tryon import TryOn
 
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         self.tryon = TryOn.load(config_from_dict(cfg), lora=lora, device=device, dtype=dtype)
