@@ -1,4 +1,13 @@
-"""Shared fixtures: image-cell builders and one Ray instance for the whole session."""
+"""Shared fixtures: image-cell builders, one Ray instance for the whole session, and an
+environment that does not depend on the machine or the shell the tests run from.
+
+- ``CATVTON_CACHE``: the cache of built-once folders (tiny base, alpha, synthetic set, latent
+  caches). ``pytest --fresh-cache`` (or ``CATVTON_FRESH_CACHE=1``) points it at a new empty folder
+  for the whole run, shared by every test, subprocess and Ray worker of that run, so nothing a
+  previous run left can make a test pass.
+- ``TRYON_API_KEY`` is removed from the environment at start-up: the serving tests set the key
+  they test; a key exported in the user's shell would otherwise override their configs.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +21,20 @@ from PIL import Image
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.pop("TRYON_API_KEY", None)  # before any Ray or Serve process inherits it
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fresh-cache", action="store_true", default=False,
+                     help="build every cached folder (tiny base, alpha, synthetic set, latent caches) anew "
+                          "into an empty CATVTON_CACHE for this run (also: CATVTON_FRESH_CACHE=1)")
+
+
+def pytest_configure(config):
+    if config.getoption("--fresh-cache") or os.environ.get("CATVTON_FRESH_CACHE") == "1":
+        import tempfile
+
+        os.environ["CATVTON_CACHE"] = tempfile.mkdtemp(prefix="catvton-test-cache-")
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,6 +24,7 @@ from catvton.model import loading
 from catvton.model.loading import BaseModelError
 from catvton.offline import resolve
 from catvton.offline import tiny_base as tiny
+from catvton.offline.tiny_text import CATVTON_PROMPT
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,7 +57,7 @@ def _canvas() -> tuple[Image.Image, Image.Image]:
 def _fill(pipe) -> np.ndarray:
     image, mask = _canvas()
     out = pipe(
-        prompt=tiny.CATVTON_PROMPT,
+        prompt=CATVTON_PROMPT,
         image=image,
         mask_image=mask,
         height=128,
@@ -106,12 +107,12 @@ def test_plain_from_pretrained_loads_a_flux_fill_pipeline(small_base):
 
 def test_prompt_tokenizes_to_real_tokens(small_base):
     pipe = FluxFillPipeline.from_pretrained(small_base)
-    clip = pipe.tokenizer(tiny.CATVTON_PROMPT).input_ids
+    clip = pipe.tokenizer(CATVTON_PROMPT).input_ids
     assert pipe.tokenizer.model_max_length == 77
     assert 20 < len(clip) <= 77, "the prompt must fit CLIP's 77 tokens untruncated"
     assert len(set(clip)) > 20
     assert "clothing</w>" in pipe.tokenizer.convert_ids_to_tokens(clip)
-    t5 = pipe.tokenizer_2(tiny.CATVTON_PROMPT, padding="max_length", max_length=512, truncation=True).input_ids
+    t5 = pipe.tokenizer_2(CATVTON_PROMPT, padding="max_length", max_length=512, truncation=True).input_ids
     assert len(t5) == 512
     real = [i for i in t5 if i != pipe.tokenizer_2.pad_token_id]
     assert 20 < len(real) < 512 and pipe.tokenizer_2.unk_token_id not in real
@@ -141,9 +142,9 @@ def test_load_vae_and_text_encoders(small_base):
     assert isinstance(vae, AutoencoderKL) and not vae.training
     tok, enc, tok2, enc2 = loading.load_text_encoders(str(small_base))
     assert not enc.training and not enc2.training
-    ids = tok(tiny.CATVTON_PROMPT, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    ids = tok(CATVTON_PROMPT, padding="max_length", max_length=77, return_tensors="pt").input_ids
     assert enc(ids).pooler_output.shape == (1, 32)
-    ids2 = tok2(tiny.CATVTON_PROMPT, padding="max_length", max_length=512, return_tensors="pt").input_ids
+    ids2 = tok2(CATVTON_PROMPT, padding="max_length", max_length=512, return_tensors="pt").input_ids
     with torch.no_grad():
         a, b = enc2(ids2)[0], enc2(ids2)[0]
     assert a.shape == (1, 512, 32) and torch.equal(a, b)
@@ -264,6 +265,46 @@ def test_cache_root_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert artifacts.cache_root() == tmp_path / "home" / ".cache" / "catvton"
     assert tiny.tiny_base_key(0) != tiny.tiny_base_key(1) != tiny.tiny_base_key(0, vae_steps=5)
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {f"{f.parent.name}/{k}": v for f in sorted(folder.rglob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+def test_the_build_ignores_the_callers_threads_and_its_key_names_what_decides_the_weights(tmp_path, monkeypatch):
+    """Same key only if the weights are identical: a build under a 1-thread caller (pytest) and
+    under a 2-thread caller (a job) gives the same weights and the same folder name; a build that
+    really runs on another thread count gives other weights, and another name."""
+    caller = torch.get_num_threads()
+    builds = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            tiny.build_tiny_base(tmp_path / f"caller{threads}", vae_steps=5, synthetic_pids=8, log=lambda _: None)
+            assert torch.get_num_threads() == threads, "the caller's thread count is restored"
+            builds[threads] = (_weights(tmp_path / f"caller{threads}"), tiny.tiny_base_key(0, 5, 8))
+    finally:
+        torch.set_num_threads(caller)
+    (w1, k1), (w2, k2) = builds[1], builds[2]
+    assert k1 == k2 and w1.keys() == w2.keys()
+    assert all(torch.equal(w1[k], w2[k]) for k in w1), "the build must not depend on the caller's threads"
+    info = json.loads((tmp_path / "caller1" / "tiny_base.json").read_text())
+    assert info["build_threads"] == tiny.BUILD_THREADS
+
+    monkeypatch.setattr(tiny, "BUILD_THREADS", 1 if tiny.BUILD_THREADS != 1 else 2)
+    tiny.build_tiny_base(tmp_path / "other", vae_steps=5, synthetic_pids=8, log=lambda _: None)
+    other = _weights(tmp_path / "other")
+    assert any(not torch.equal(w1[k], other[k]) for k in w1), "another thread count rounds differently"
+    assert tiny.tiny_base_key(0, 5, 8) != k1, "so it must name another folder"
+
+
+def test_the_key_follows_the_builders_source(monkeypatch):
+    key = tiny.tiny_base_key()
+    monkeypatch.setattr(tiny, "builder_source_hash", lambda: "edited")
+    assert tiny.tiny_base_key() != key
+    assert set(tiny.BUILDER_MODULES) == {"tiny_base.py", "tiny_text.py", "tiny_vae.py", "synthetic.py"}
 
 
 def test_cli_help(capsys):

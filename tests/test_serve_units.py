@@ -7,6 +7,7 @@ pieces it is made of, quickly.
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,8 @@ from catvton.data.masks import general_mask
 from catvton.infer.request import (ImageLimits, InputError, decode_image, decode_mask, parse_size, request_sample,
                                    to_person_size)
 from catvton.infer.serving import ServeConfig, TryOnService, pick_lora, refuse_pickles, serve_config_from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
 
 LIMITS = ImageLimits(min_side=16, max_side=4096, max_pixels=4_000_000)
 
@@ -74,7 +77,7 @@ def test_parse_size_refuses(size, status):
 
 
 def test_request_canvas_is_the_training_canvas_and_comes_back_at_the_person_size():
-    cfg = load_config("configs/tiny.yaml")
+    cfg = load_config(ROOT / "configs" / "tiny.yaml")
     person, garment = photo(300, 200, 1), photo(80, 60, 2)
     mask = np.zeros((300, 200), bool)
     mask[150:280, 60:140] = True
@@ -92,7 +95,7 @@ def test_request_canvas_is_the_training_canvas_and_comes_back_at_the_person_size
 
 
 def test_to_person_size_is_exact_when_the_photo_has_the_half_size():
-    cfg = load_config("configs/tiny.yaml")
+    cfg = load_config(ROOT / "configs" / "tiny.yaml")
     H, W = cfg.canvas.half_height, cfg.canvas.half_width
     person = photo(H, W, 3)
     mask = np.zeros((H, W), bool)
@@ -123,7 +126,7 @@ def test_api_key_from_the_environment_wins(monkeypatch):
 
 
 def _service_without_model(**settings) -> TryOnService:
-    cfg = load_config("configs/tiny.yaml")
+    cfg = load_config(ROOT / "configs" / "tiny.yaml")
     return TryOnService(ServeConfig(**settings), cfg, tryon=None, lora=None, masker=None)
 
 

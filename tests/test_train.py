@@ -131,8 +131,9 @@ def test_a_worker_failure_is_survived_and_a_rerun_resumes(tmp_path, small_cache)
     assert outcome.metrics["step"] == 12
     state = artifacts.load_training_state(outcome.checkpoint_dir)
     steps = [h["step"] for h in state["history"]]
-    assert steps == sorted(set(steps)) and steps[0] == 0 and steps[-1] == 12, steps  # continuous, no repeats
-    assert 6 not in steps or steps.count(6) == 1
+    # continuous, no repeats, nothing lost: step 0's validation, then every report of the schedule
+    # (val and checkpoint every 4, metrics every 5, the last step); step 5 was re-run after the restart
+    assert steps == [0, 4, 5, 8, 10, 12], steps
     assert all(np.isfinite(h["loss"]) for h in state["history"] if "loss" in h)
     assert (outcome.run_dir / "loss_curve.png").stat().st_size > 5000
     # restarted from the step-4 checkpoint, not from 0 (which would give the same history)

@@ -50,7 +50,8 @@ class ServeConfig:
     """Human-parsing model (transformers segmentation, hub id or folder) for requests without a
     mask, e.g. ``mattmdjaga/segformer_b2_clothes``; empty: such requests get a 422."""
     parser_labels: dict[str, list[str]] = field(default_factory=dict)
-    """Parser label names per garment group; empty: the ATR names (see catvton.infer.automask)."""
+    """Parser label names per garment group; a group left out keeps the ATR names (see
+    catvton.infer.automask), so ``{lower: [...]}`` changes the lower-body labels only."""
     api_key: str = ""
     """Bearer token required on every route but /healthz; the TRYON_API_KEY environment variable,
     when set, wins. Empty: no authentication (only behind a trusted gateway)."""

@@ -31,8 +31,8 @@ Build it (about 3 CPU minutes, mostly VAE training) or find the cached one::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-import re
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -43,20 +43,17 @@ import torch
 
 from catvton import artifacts
 from catvton.artifacts import TINY_BASE_INFO
+from catvton.offline.tiny_text import build_text_encoders
 from catvton.offline.tiny_vae import (CUTOUT_SIZE, MAX_EVAL_IMAGES, PHOTO_SIZE, SYNTHETIC_IMAGE_SIZE, latent_statistics,
                                       new_vae, reconstruction_psnr, train_vae, vae_image_sets)
 
 TINY_BASE_VERSION = "tiny-flux-fill-v1"
 """Bump when anything below changes what is built: it is part of the cache folder's hash."""
 
-CATVTON_PROMPT = (
-    "The pair of images highlights a clothing and its styling on a model, high resolution, "
-    "4K, 8K; [IMAGE1] Detailed product shot of a clothing [IMAGE2] The same cloth is worn by "
-    "a model in a lifestyle setting."
-)
-"""The CatVTON-Flux prompt; its words are whole tokens of the tiny tokenizers. A copy of
-``ModelConfig.prompt`` kept here on purpose: the built base must not change when a config does."""
-
+BUILD_THREADS = 2
+"""Torch threads of every build, whatever the caller uses: the weights depend on the thread count
+(measured: 1 and 2 threads give other VAE weights), so it is fixed, not inherited. 2 keeps the
+build at ~4 minutes on the 2-core machines this project targets."""
 
 # Transformer: FLUX Fill wiring at 64 wide. axes_dims_rope must sum to attention_head_dim.
 TRANSFORMER_KWARGS: dict[str, Any] = dict(
@@ -73,9 +70,6 @@ TRANSFORMER_KWARGS: dict[str, Any] = dict(
     axes_dims_rope=(4, 6, 6),
 )
 
-# VAE: 4 blocks -> scale factor 2**3 = 8; 16 latent channels; no quant convs (FLUX's VAE has none).
-# Widths: the full-resolution level dominates CPU time, so it is kept narrow (16) and the
-# capacity sits in the lower-resolution levels.
 # FLUX.1-Fill-dev's scheduler config (scheduler/scheduler_config.json on the hub).
 SCHEDULER_KWARGS: dict[str, Any] = dict(
     num_train_timesteps=1000,
@@ -86,121 +80,6 @@ SCHEDULER_KWARGS: dict[str, Any] = dict(
     base_image_seq_len=256,
     max_image_seq_len=4096,
 )
-
-T5_MAX_LENGTH = 512
-"""FluxFillPipeline pads T5 input to ``max_sequence_length`` (default 512)."""
-CLIP_MAX_LENGTH = 77
-T5_EXTRA_IDS = 8
-
-
-
-# --------------------------------------------------------------------------------------------
-# Tokenizers and text encoders
-# --------------------------------------------------------------------------------------------
-
-
-def _prompt_words(text: str = CATVTON_PROMPT) -> list[str]:
-    """Distinct words of ``text`` in order of appearance (case kept)."""
-    seen: dict[str, None] = {}
-    for w in re.findall(r"[A-Za-z]+", text):
-        seen.setdefault(w, None)
-    return list(seen)
-
-
-def build_clip_tokenizer():
-    """A CLIP byte-level BPE tokenizer over printable ASCII plus merges that spell the prompt's words.
-
-    CLIP lowercases and splits words off punctuation; every printable ASCII character maps to
-    itself in byte-level BPE, so characters (bare and with the ``</w>`` end-of-word mark) cover
-    any ASCII text, and the merges make most prompt words single tokens.
-    """
-    from transformers import CLIPTokenizer
-
-    vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for code in range(33, 127):
-        c = chr(code)
-        vocab.setdefault(c, len(vocab))
-        vocab.setdefault(c + "</w>", len(vocab))
-    merges: list[tuple[str, str]] = []
-    for word in sorted({w.lower() for w in _prompt_words()}):
-        parts = list(word)
-        parts[-1] += "</w>"
-        cur = parts[0]
-        for nxt in parts[1:]:
-            if (cur, nxt) not in merges:
-                merges.append((cur, nxt))
-            cur += nxt
-            vocab.setdefault(cur, len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CLIP_MAX_LENGTH)
-
-
-def build_t5_tokenizer():
-    """A T5 (unigram) tokenizer: the prompt's words as ``▁word`` pieces, ASCII characters as fallback.
-
-    T5 is case-sensitive, so words are taken as written. Ids: ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2,
-    as in T5; ``model_max_length`` is 512 so that the pipeline's padding to 512 is not truncated.
-    """
-    from transformers import T5TokenizerFast
-
-    pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    seen = {p for p, _ in pieces}
-
-    def add(piece: str, score: float) -> None:
-        if piece not in seen:
-            seen.add(piece)
-            pieces.append((piece, score))
-
-    for w in _prompt_words():
-        add("▁" + w, -1.0)
-        add(w, -1.5)  # inside brackets: "[IMAGE1]" -> "▁[", "IMAGE", "1", "]"
-    for code in range(33, 127):
-        add(chr(code), -5.0)
-        add("▁" + chr(code), -5.0)
-    for i in range(T5_EXTRA_IDS - 1, -1, -1):  # extra ids last, in reverse, as in T5
-        pieces.append((f"<extra_id_{i}>", 0.0))
-    return T5TokenizerFast(vocab=pieces, extra_ids=T5_EXTRA_IDS, model_max_length=T5_MAX_LENGTH)
-
-
-def build_text_encoders(seed: int):
-    """``(tokenizer, text_encoder, tokenizer_2, text_encoder_2)``: tiny CLIP and T5, random init."""
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    tokenizer = build_clip_tokenizer()
-    tokenizer_2 = build_t5_tokenizer()
-    clip_config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,  # pooler_output (the eos token's state) -> pooled_projection_dim=32
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=CLIP_MAX_LENGTH,
-        projection_dim=32,
-        hidden_act="quick_gelu",
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,  # pooling takes the first eos position
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    t5_config = T5Config(
-        vocab_size=len(tokenizer_2),
-        d_model=32,  # -> joint_attention_dim=32
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=32,
-        feed_forward_proj="gated-gelu",  # T5 v1.1, as FLUX's T5-XXL
-        pad_token_id=tokenizer_2.pad_token_id,
-        eos_token_id=tokenizer_2.eos_token_id,
-        decoder_start_token_id=tokenizer_2.pad_token_id,
-        is_encoder_decoder=False,
-        use_cache=False,
-    )
-    torch.manual_seed(seed + 1)
-    text_encoder = CLIPTextModel(clip_config)
-    torch.manual_seed(seed + 2)
-    text_encoder_2 = T5EncoderModel(t5_config)
-    return tokenizer, text_encoder.eval(), tokenizer_2, text_encoder_2.eval()
 
 
 def new_transformer(seed: int):
@@ -236,8 +115,10 @@ def build_tiny_base(
 
     Writes the diffusers layout with ``FluxFillPipeline.save_pretrained`` plus ``tiny_base.json``
     (build parameters, parameter counts, the trained and the random VAE's held-out PSNR, the latent
-    shift/scale, timings), and returns that dict. Deterministic from ``seed``; the caller's global
-    torch RNG state is left as it was.
+    shift/scale, timings), and returns that dict. Deterministic from ``seed`` whatever process
+    calls it: the build runs on :data:`BUILD_THREADS` torch threads (a float sum over another
+    thread count rounds differently, and 800 VAE steps amplify that into other weights); the
+    caller's thread count and global torch RNG state are left as they were.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -245,7 +126,12 @@ def build_tiny_base(
     if vae_steps < 0 or synthetic_pids < 4:
         raise ValueError(f"vae_steps={vae_steps} must be >= 0 and synthetic_pids={synthetic_pids} >= 4")
     t0 = time.time()
-    info = _build(out_dir, seed, vae_steps, synthetic_pids, log)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(BUILD_THREADS)
+    try:
+        info = _build(out_dir, seed, vae_steps, synthetic_pids, log)
+    finally:
+        torch.set_num_threads(threads)
     info["build_seconds"] = round(time.time() - t0, 1)
     (out_dir / TINY_BASE_INFO).write_text(json.dumps(info, indent=2) + "\n")
     log(f"tiny base written to {out_dir} in {info['build_seconds']:.0f} s")
@@ -310,17 +196,34 @@ def _build(out_dir: Path, seed: int, vae_steps: int, synthetic_pids: int, log: C
             "text_encoder_2": _param_count(text_encoder_2),
         },
         "vae_train_seconds": round(vae_seconds, 1),
+        "build_threads": torch.get_num_threads(),
     }
     return info
 
 
+BUILDER_MODULES = ("tiny_base.py", "tiny_text.py", "tiny_vae.py", "synthetic.py")
+"""The modules whose code decides the base's weights (the VAE trains on synthetic rows)."""
+
+
+def builder_source_hash() -> str:
+    """A hash of the builder's own source: any change to how the base is built names a new folder,
+    so a stale build is never reused (no version to forget to bump)."""
+    here = Path(__file__).resolve().parent
+    return artifacts.content_hash({name: hashlib.sha256((here / name).read_bytes()).hexdigest()
+                                   for name in BUILDER_MODULES})
+
+
 def tiny_base_key(seed: int = 0, vae_steps: int = 800, synthetic_pids: int = 120) -> str:
-    """Cache folder name: ``tiny-base-<hash of the build parameters and the version>``."""
+    """Cache folder name: ``tiny-base-<hash>`` of everything that decides the weights: the build
+    parameters, :data:`BUILD_THREADS`, the builder's source and the version. Not the caller's
+    thread count: the build does not depend on it."""
     params = {
         "version": TINY_BASE_VERSION,
         "seed": seed,
         "vae_steps": vae_steps,
         "synthetic_pids": synthetic_pids,
+        "build_threads": BUILD_THREADS,
+        "source": builder_source_hash(),
     }
     return f"tiny-base-{artifacts.content_hash(params)}"
 
