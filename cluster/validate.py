@@ -31,16 +31,31 @@ SHARED = "/mnt/shared"
 GPU_KEY = "nvidia.com/gpu"
 
 
-def _ray_version() -> str:
-    import ray
+def supported_ray() -> str:
+    """The Ray versions the project supports: the specifier of its ``ray`` dependency in
+    pyproject.toml (e.g. ``>=2.60,<2.61``), which the cluster's Ray must satisfy too."""
+    import tomllib
 
-    return ray.__version__
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    ray_dep = next(d for d in deps if re.match(r"ray(\[|[<>=!~ ]|$)", d))
+    return re.sub(r"^ray(\[[^\]]*\])?", "", ray_dep).strip()
+
+
+def _ray_ok(version: Any) -> bool:
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return isinstance(version, str) and Version(version) in SpecifierSet(supported_ray())
+    except InvalidVersion:
+        return False
 
 
 def _image_ok(image: Any, what: str) -> list[str]:
-    want = f"rayproject/ray:{_ray_version()}-"
-    if not isinstance(image, str) or not image.startswith(want):
-        return [f"{what}: image {image!r} must be {want}<python>-<cpu|gpu> (the installed Ray, {_ray_version()})"]
+    m = re.match(r"^rayproject/ray:([0-9][^-]*)-", image) if isinstance(image, str) else None
+    if m is None or not _ray_ok(m.group(1)):
+        return [f"{what}: image {image!r} must be rayproject/ray:<version>-<python>-<cpu|gpu> with a Ray the "
+                f"project supports ({supported_ray()}, pyproject.toml)"]
     return []
 
 
@@ -129,8 +144,9 @@ def check_cluster_spec(spec: dict, what: str = "RayCluster") -> list[str]:
     problems: list[str] = []
     if not isinstance(spec, dict):
         return [f"{what}: spec is missing"]
-    if spec.get("rayVersion") != _ray_version():
-        problems.append(f"{what}: rayVersion {spec.get('rayVersion')!r} must be the installed {_ray_version()!r}")
+    if not _ray_ok(spec.get("rayVersion")):
+        problems.append(f"{what}: rayVersion {spec.get('rayVersion')!r} must be a Ray the project supports "
+                        f"({supported_ray()}, pyproject.toml)")
     head = spec.get("headGroupSpec") or {}
     if not head:
         problems.append(f"{what}: headGroupSpec is missing")

@@ -101,8 +101,23 @@ def test_manifests_are_valid_and_the_rayjob_runs_the_same_cluster(raycluster, ra
     group = raycluster["spec"]["workerGroupSpecs"][0]
     worker = group["template"]["spec"]["containers"][0]
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == 4
-    assert raycluster["spec"]["rayVersion"] == ray.__version__
-    assert worker["image"] == f"rayproject/ray:{ray.__version__}-py311-gpu"
+    version = raycluster["spec"]["rayVersion"]
+    assert worker["image"] == f"rayproject/ray:{version}-py311-gpu", "image and rayVersion agree"
+    # the cluster's Ray and the one installed here are both in the range pyproject.toml allows
+    assert V.supported_ray() == ">=2.60,<2.61"
+    assert V._ray_ok(version) and V._ray_ok(ray.__version__)
+
+
+@pytest.mark.parametrize("version, ok", [("2.60.0", True), ("2.60.7", True), ("2.59.1", False), ("2.61.0", False),
+                                         ("latest", False)])
+def test_a_ray_version_is_judged_by_the_supported_range_not_by_the_installed_one(raycluster, version, ok):
+    bad = copy.deepcopy(raycluster)
+    bad["spec"]["rayVersion"] = version
+    for group in [bad["spec"]["headGroupSpec"], *bad["spec"]["workerGroupSpecs"]]:
+        for c in group["template"]["spec"]["containers"]:
+            c["image"] = f"rayproject/ray:{version}-py311-gpu"
+    problems = V.check_kuberay(bad)
+    assert (problems == []) == ok, problems
 
 
 def test_runtime_env_matches_pyproject_and_the_rayjob(rayjob):

@@ -60,8 +60,13 @@ def test_metrics_without_weights_are_reported_absent_not_faked():
     assert scores["half_psnr"] > 90 and scores["half_ssim"] == pytest.approx(1.0)
     # no torch-fidelity / torchvision weights here: absent with a reason, and no number under that name
     for name in ("fid", "kid", "lpips"):
+        # each optional metric is either scored (a finite number) or listed absent with its reason;
+        # one that silently disappears from both is a defect
+        assert (name in scores) != (name in absent), (name, scores, absent)
         if name in absent:
-            assert name not in scores and len(absent[name]) > 20
+            assert len(absent[name]) > 20
+        else:
+            assert np.isfinite(scores[name])
     with_extractor = score_group(canvas, canvas, mask, TinyFeatures(), {})
     assert abs(with_extractor["fid"]) < 1e-6 and "kid" in with_extractor
 
