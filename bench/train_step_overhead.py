@@ -20,27 +20,40 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--warmup", type=int, default=10, help="steps left out of the median")
-    args = p.parse_args()
+    return p.parse_args(argv)
+
+
+def bench_overrides(args: argparse.Namespace, work: Path) -> list[str]:
+    """The user's ``--set``, then what the bench itself needs: ``--steps`` steps, one validation
+    and one checkpoint at the end (both left out of the median), no W&B, outputs under ``work``."""
+    n = args.steps
+    return args.set + [
+        f"train.max_steps={n}", f"train.checkpoint_every={n}", f"train.val_every={n}",
+        "train.val_batches=1", "run.wandb_mode=disabled", "run.name=bench-overhead",
+        f"run.storage_path={work / 'ray'}", f"run.output_dir={work / 'out'}"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.steps <= args.warmup:
+        raise SystemExit(f"--steps {args.steps} must exceed --warmup {args.warmup}: no step would be timed")
 
     from catvton.artifacts import loss_history
     from catvton.cache.build import build_latent_cache
-    from catvton.config import load_config
+    from catvton.cli import config_or_exit
     from catvton.offline import resolve
     from catvton.ray_utils import init_ray
     from catvton.train.job import fit
     from catvton.train.plain import train_plain
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
-    cfg = load_config(args.config, args.set + [
-        f"train.max_steps={args.steps}", f"train.checkpoint_every={args.steps}", f"train.val_every={args.steps}",
-        "train.val_batches=1", "run.wandb_mode=disabled", "run.name=bench-overhead",
-        f"run.storage_path={tmp / 'ray'}", f"run.output_dir={tmp / 'out'}"])
+    cfg = config_or_exit(args.config, bench_overrides(args, tmp))  # every problem at once, before Ray starts
     init_ray()
     cfg = resolve(cfg)  # the tiny base, the alpha and the synthetic set, built once
     cache = build_latent_cache(cfg, progress=False)
