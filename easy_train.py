@@ -86,8 +86,15 @@ def setup(
 
 
 def _plan_or_refuse(cfg, gpu: str) -> None:
+    """The memory plan of a GPU run, refused before training when it cannot fit. A CPU run
+    (``train.use_gpu: false``, the offline default) trains the tiny model: the FLUX plan says
+    nothing about it, so it is not checked (issue 11 makes the plan follow the model that runs)."""
     from catvton.train.planner import plan_from_config
 
+    if not cfg.train.use_gpu:
+        typer.echo("memory plan: not checked (train.use_gpu is false: this run trains on CPU; "
+                   f"plan a GPU run with --config configs/l40s.yaml --gpu {gpu})")
+        return
     p = plan_from_config(cfg, gpu=gpu)
     typer.echo("predicted for FLUX.1-Fill-dev at this config's canvas and batch:")
     typer.echo(str(p))

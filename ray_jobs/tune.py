@@ -31,6 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--encoders", type=int, default=1, help="Ray Data VAE encoder actors for the latent cache")
     args = p.parse_args(argv)
     cfg = config_or_exit(args.config, args.set)
+    from catvton.config import ConfigError, sweep_problems
+
+    if sweep_problems(cfg):  # before Ray starts: every problem at once, exit code 2
+        print(ConfigError(sweep_problems(cfg)), file=sys.stderr)
+        return 2
 
     from catvton.offline import resolve
     from catvton.ray_utils import init_ray

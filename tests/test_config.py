@@ -68,3 +68,18 @@ def test_every_field_is_documented():
 def test_online_wandb_without_a_project_is_refused():
     with pytest.raises(ConfigError, match="wandb_project"):
         load_config(None, ["run.wandb_mode=online"])
+
+
+def test_a_sweep_constraint_refuses_sweeps_not_training_jobs():
+    """ASHA's grace period must fall on a validation step: a sweep's concern, so a training job with
+    another val_every loads, and the sweep's own check (run_sweep, ray_jobs/tune.py) refuses it."""
+    from catvton.config import sweep_problems
+
+    job = load_config(ROOT / "configs" / "tiny.yaml", ["train.val_every=60"])  # grace_period 100
+    assert job.train.val_every == 60
+    assert sweep_problems(job) == ["tune.grace_period=100: a positive multiple of train.val_every (60); ASHA only "
+                                   "sees steps with a validation loss"]
+    assert sweep_problems(load_config(ROOT / "configs" / "tiny.yaml")) == []
+    assert "train.max_steps must be > 0" in sweep_problems(load_config(ROOT / "configs" / "l40s.yaml"))[0]
+    with pytest.raises(ConfigError, match="tune.grace_period=0: must be at least 1"):
+        load_config(ROOT / "configs" / "tiny.yaml", ["tune.grace_period=0"])

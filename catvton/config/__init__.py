@@ -11,10 +11,10 @@ The sections live in :mod:`catvton.config.sections`, loading in :mod:`catvton.co
 
 from catvton.config.loader import apply_mapping, apply_overrides, config_from_dict, describe, dotted_to_nested, load_config
 from catvton.config.sections import (CanvasConfig, Config, ConfigError, DataConfig, InferConfig, LoraConfig,
-                                     MaskConfig, ModelConfig, RunOptions, TrainConfig, TuneConfig, steps_per_epoch,
+                                     MaskConfig, ModelConfig, RunOptions, TrainConfig, TuneConfig, steps_per_epoch, sweep_problems,
                                      total_steps,
                                      validate)
 
 __all__ = ["CanvasConfig", "Config", "ConfigError", "DataConfig", "InferConfig", "LoraConfig", "MaskConfig",
            "ModelConfig", "RunOptions", "TrainConfig", "TuneConfig", "apply_mapping", "apply_overrides", "config_from_dict",
-           "describe", "dotted_to_nested", "load_config", "steps_per_epoch", "total_steps", "validate"]
+           "describe", "dotted_to_nested", "load_config", "steps_per_epoch", "sweep_problems", "total_steps", "validate"]

@@ -349,6 +349,18 @@ def validate(cfg: Config) -> list[str]:
     return p
 
 
+def sweep_problems(cfg: Config) -> list[str]:
+    """What only a sweep needs of the training settings (checked where a sweep starts, so a
+    training job with another ``train.val_every`` is not refused for a sweep it does not run)."""
+    p = []
+    if cfg.train.max_steps < 1:
+        p.append("train.max_steps must be > 0 for a sweep: ASHA's rungs are counted in steps")
+    elif cfg.tune.grace_period % cfg.train.val_every:
+        p.append(f"tune.grace_period={cfg.tune.grace_period}: a positive multiple of train.val_every "
+                 f"({cfg.train.val_every}); ASHA only sees steps with a validation loss")
+    return p
+
+
 def _validate_tune(cfg: Config) -> list[str]:
     s, p = cfg.tune, []
     if s.search not in ("random", "grid"):
@@ -367,9 +379,8 @@ def _validate_tune(cfg: Config) -> list[str]:
         p.append(f"tune.num_samples={s.num_samples}: must be at least 1")
     if s.metric not in ("val_loss", "val_loss_lower", "val_loss_full", "val_loss_upper"):
         p.append(f"tune.metric={s.metric!r}: choose val_loss or val_loss_<group>")
-    if s.grace_period < 1 or s.grace_period % cfg.train.val_every:
-        p.append(f"tune.grace_period={s.grace_period}: a positive multiple of train.val_every "
-                 f"({cfg.train.val_every}); ASHA only sees steps with a validation loss")
+    if s.grace_period < 1:
+        p.append(f"tune.grace_period={s.grace_period}: must be at least 1")
     if s.reduction_factor < 2:
         p.append(f"tune.reduction_factor={s.reduction_factor}: must be at least 2")
     if s.max_concurrent_trials < 0:

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from catvton.artifacts import LORA_WEIGHTS, METRICS, TRAINING_CONFIG, export_atomic
 from catvton.cache.build import build_latent_cache
-from catvton.config import Config, config_from_dict
+from catvton.config import Config, ConfigError, config_from_dict, sweep_problems
 from catvton.train.job import fit, release_placement_group
 
 TRIAL_DRIVER_CPU = 0.5
@@ -120,8 +120,9 @@ def run_sweep(cfg: Config, num_encoders: int = 1, log: Callable[[str], None] = p
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    if cfg.train.max_steps < 1:
-        raise ValueError("a sweep needs train.max_steps > 0: ASHA's rungs are counted in steps")
+    problems = sweep_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
     cache = build_latent_cache(cfg, num_encoders=num_encoders, use_gpu=cfg.train.use_gpu, log=log)
     sweep_dir = Path(cfg.run.output_dir).expanduser().resolve() / cfg.tune.name
     sweep_dir.mkdir(parents=True, exist_ok=True)
