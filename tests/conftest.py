@@ -79,6 +79,9 @@ def ray_session(tmp_path_factory):
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(tmp_path_factory.mktemp("ray")),
-             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
+             # workers import serve/, ray_jobs/ and test helpers from the repository root, whatever
+             # directory pytest was started from (`cd tests && pytest` left Serve replicas without `serve`)
+             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled",
+                                       "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}})
     yield ray
     ray.shutdown()
