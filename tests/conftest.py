@@ -49,6 +49,24 @@ def tiny_config(*overrides: str, models: bool = True):
     return resolve(load_config(ROOT / "configs" / "tiny.yaml", list(overrides)), log=lambda _: None, models=models)
 
 
+def random_lora(cfg, folder: Path, seed: int = 0, scale: float = 0.1) -> Path:
+    """A LoRA in the training format (``train.checkpoint.save_weights``) whose every trainable
+    weight got ``scale`` x noise, so its output clearly differs from the base's."""
+    import torch
+
+    from catvton.train.checkpoint import save_weights
+    from catvton.train.engine import build_transformer
+
+    torch.manual_seed(seed)
+    model = build_transformer(cfg, torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * scale)
+    save_weights(model, Path(folder), cfg)
+    return Path(folder)
+
+
 def png_cell(arr: np.ndarray, mode: str | None = None) -> dict:
     """A parquet image cell ({bytes, path}) holding ``arr`` as PNG."""
     buf = io.BytesIO()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import random_lora
 
 from catvton.config import load_config
 
@@ -20,24 +21,13 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A config on the tiny base at 32x32 halves, a random LoRA folder on it, and 5 canvases."""
-    import torch
-
     from catvton.offline.tiny_base import ensure_tiny_base
-    from catvton.train.checkpoint import save_weights
-    from catvton.train.engine import build_transformer
 
     cfg = load_config(ROOT / "configs/tiny.yaml", ["model.transformer_override=null", "canvas.half_width=32",
                                                    "canvas.half_height=32", "infer.steps=2", "lora.rank=4",
                                                    "lora.alpha=8.0"])
     cfg.model.base = str(ensure_tiny_base())
-    torch.manual_seed(0)
-    model = build_transformer(cfg, torch.device("cpu"), torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.1)
-    lora = tmp_path_factory.mktemp("lora")
-    save_weights(model, lora, cfg)
+    lora = random_lora(cfg, tmp_path_factory.mktemp("lora"))
     rng = np.random.default_rng(0)
     canvas = (rng.integers(0, 256, (5, 32, 64, 3)) / 255.0).astype(np.float32)
     mask = np.zeros((5, 32, 64), np.float32)

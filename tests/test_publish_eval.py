@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import random_lora
 from PIL import Image
 
 from catvton.config import load_config
@@ -177,20 +178,10 @@ def test_release_exports_the_completed_trial_with_the_lowest_val_loss(tmp_path):
 def lora_folder(tmp_path_factory):
     """A LoRA on the tiny base (random, non-zero B) with sweep metrics and an evaluation report."""
     from catvton.offline.tiny_base import ensure_tiny_base
-    from catvton.train.checkpoint import save_weights
-    from catvton.train.engine import build_transformer
-
     tmp = tmp_path_factory.mktemp("lora")
     cfg = load_config(ROOT / "configs/tiny.yaml", ["model.transformer_override=null", "lora.rank=4", "lora.alpha=8.0"])
     cfg.model.base = str(ensure_tiny_base())
-    torch.manual_seed(0)
-    model = build_transformer(cfg, torch.device("cpu"), torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.1)
-    folder = tmp / "release"
-    save_weights(model, folder, cfg)
+    folder = random_lora(cfg, tmp / "release")
     (folder / "training_config.json").write_text(json.dumps(cfg.to_dict()))
     (folder / "metrics.json").write_text(json.dumps({"trial": "t1", "lr": 4e-3, "rank": 4, "val_loss": 0.4321,
                                                      "metric": "val_loss", "sweep": "s", "trials": 4,
