@@ -159,7 +159,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         result = train_step(ddp_model, [batch for _, batch in drawn], loss_fn, optimizer, scheduler, params,
                             cfg.train.max_grad_norm)
         step += 1
-        mean_loss = _all_mean(result.loss, world)
+        mean_loss = _all_mean(result.loss, world, device)
         if not math.isfinite(mean_loss):
             # Every rank sees the same all-reduced loss, so all stop here together. Stopping
             # cleanly (not raising) keeps Ray from retrying a run that would fail the same way.
@@ -204,12 +204,16 @@ def _memory(device) -> dict[str, float]:
     return out
 
 
-def _all_mean(value: float, world: int) -> float:
+def _all_mean(value: float, world: int, device: torch.device) -> float:
+    """The mean of ``value`` over the ``world`` workers, reduced on the training ``device``: with
+    GPUs Ray Train's process group is NCCL, which reduces only CUDA tensors (a CPU tensor stops
+    the run at the first report). float32, the type every backend reduces. The only cross-worker
+    reduction of the loop (DDP all-reduces the gradients itself); a test holds it to that."""
     if world == 1:
         return value
     import torch.distributed as dist
 
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float32, device=device)
     dist.all_reduce(t)
     return float(t.item()) / world
 
