@@ -540,7 +540,9 @@ def test_the_overhead_bench_is_checked_with_its_own_settings(tmp_path):
     cfg = load_config(ROOT / "configs" / "tiny.yaml", bench.bench_overrides(bench.parse_args(["--steps", "60"]), tmp_path))
     assert cfg.train.val_every == 60 and cfg.tune.grace_period == 100
     assert sweep_problems(cfg) == ["tune.grace_period=100: a positive multiple of train.val_every (60); ASHA only "
-                                   "sees steps with a validation loss"]
+                                   "sees steps with a validation loss",
+                                   "tune.grace_period=100: ASHA's first rung must come before a trial's last step "
+                                   "(train.max_steps=60), or it can stop no trial early; lower it or train longer"]
 
 
 # --------------------------------------------------------------------------------------------

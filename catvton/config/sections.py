@@ -349,15 +349,24 @@ def validate(cfg: Config) -> list[str]:
     return p
 
 
-def sweep_problems(cfg: Config) -> list[str]:
+def sweep_problems(cfg: Config, n_train: int | None = None) -> list[str]:
     """What only a sweep needs of the training settings (checked where a sweep starts, so a
-    training job with another ``train.val_every`` is not refused for a sweep it does not run)."""
+    training job with another ``train.val_every`` is not refused for a sweep it does not run).
+
+    A sweep's length is every trial's: ``train.max_steps``, or with 0 ``train.epochs`` passes
+    over the ``n_train`` training pairs (:func:`total_steps`; known once the latent cache is
+    built, and only then checked against the grace period)."""
     p = []
-    if cfg.train.max_steps < 1:
-        p.append("train.max_steps must be > 0 for a sweep: ASHA's rungs are counted in steps")
-    elif cfg.tune.grace_period % cfg.train.val_every:
+    if cfg.tune.grace_period % cfg.train.val_every:
         p.append(f"tune.grace_period={cfg.tune.grace_period}: a positive multiple of train.val_every "
                  f"({cfg.train.val_every}); ASHA only sees steps with a validation loss")
+    if cfg.train.max_steps or n_train is not None:
+        length = total_steps(cfg, n_train or 0, cfg.train.num_workers)
+        if cfg.tune.grace_period >= length:
+            how = (f"train.max_steps={length}" if cfg.train.max_steps else
+                   f"{cfg.train.epochs} epochs of {n_train} training pairs = {length} steps")
+            p.append(f"tune.grace_period={cfg.tune.grace_period}: ASHA's first rung must come before a trial's last "
+                     f"step ({how}), or it can stop no trial early; lower it or train longer")
     return p
 
 

@@ -25,7 +25,8 @@ from typing import Any, Callable
 
 from catvton.artifacts import LORA_WEIGHTS, METRICS, TRAINING_CONFIG, export_atomic
 from catvton.cache.build import build_latent_cache
-from catvton.config import Config, ConfigError, config_from_dict, sweep_problems
+from catvton.cache.read import load_manifest
+from catvton.config import Config, ConfigError, config_from_dict, sweep_problems, total_steps
 from catvton.train.job import fit, release_placement_group
 
 TRIAL_DRIVER_CPU = 0.5
@@ -91,6 +92,27 @@ def run_trial(params: dict[str, Any]) -> None:
     tune.report({**final, "weights_dir": str(outcome.weights_dir), "run_dir": str(outcome.run_dir)})
 
 
+def trial_steps(cfg: Config, cache: Path) -> int:
+    """Every trial's length, as its workers count it: ``train.max_steps``, or ``train.epochs``
+    passes over the cache's training pairs with ``train.num_workers`` workers. Refused (with
+    :class:`ConfigError`) when ASHA's grace period does not fall before it."""
+    n_train = sum(load_manifest(cache)["counts"]["train"].values())
+    problems = sweep_problems(cfg, n_train)
+    if problems:
+        raise ConfigError(problems)
+    return total_steps(cfg, n_train, cfg.train.num_workers)
+
+
+def asha_scheduler(cfg: Config, steps: int):
+    """ASHA on the trials' ``step``: the first rung at ``tune.grace_period``, the last at the
+    trials' length ``steps`` (:func:`trial_steps`)."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    # stop_last_trials=False: a trial that reaches max_t finishes on its own and exports its LoRA
+    return ASHAScheduler(time_attr="step", max_t=steps, grace_period=cfg.tune.grace_period,
+                         reduction_factor=cfg.tune.reduction_factor, stop_last_trials=False)
+
+
 def _say(message: str) -> None:
     print(message, flush=True)
 
@@ -118,12 +140,12 @@ def run_sweep(cfg: Config, num_encoders: int = 1, log: Callable[[str], None] = p
     concrete models (entry points resolve offline names with :func:`catvton.offline.resolve`)."""
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
-    problems = sweep_problems(cfg)
+    problems = sweep_problems(cfg)  # before the cache is built; its length once it is
     if problems:
         raise ConfigError(problems)
     cache = build_latent_cache(cfg, num_encoders=num_encoders, use_gpu=cfg.train.use_gpu, log=log)
+    steps = trial_steps(cfg, cache)
     sweep_dir = Path(cfg.run.output_dir).expanduser().resolve() / cfg.tune.name
     sweep_dir.mkdir(parents=True, exist_ok=True)
     resources = ray.cluster_resources()
@@ -133,7 +155,7 @@ def run_sweep(cfg: Config, num_encoders: int = 1, log: Callable[[str], None] = p
     busy = concurrent * (t.num_workers * t.cpus_per_worker + TRIAL_DRIVER_CPU)
     materialize = resources.get("CPU", 0) - busy < 1
     log(f"[catvton] sweep {cfg.tune.name}: {cfg.tune.search} search, up to {concurrent} trial(s) at once, "
-        f"ASHA on {cfg.tune.metric} from step {cfg.tune.grace_period} of {t.max_steps}")
+        f"ASHA on {cfg.tune.metric} from step {cfg.tune.grace_period} of {steps}")
     # Reports between validations carry no val loss; ASHA skips them, Tune's strict check must too.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     trainable = tune.with_resources(run_trial, {"CPU": TRIAL_DRIVER_CPU})
@@ -143,25 +165,22 @@ def run_sweep(cfg: Config, num_encoders: int = 1, log: Callable[[str], None] = p
                      "sweep_dir": str(sweep_dir), "materialize": materialize},
         tune_config=tune.TuneConfig(
             metric=cfg.tune.metric, mode="min", num_samples=cfg.tune.num_samples,
-            max_concurrent_trials=concurrent,
-            # stop_last_trials=False: a trial that reaches max_t finishes on its own and exports its LoRA
-            scheduler=ASHAScheduler(time_attr="step", max_t=t.max_steps, grace_period=cfg.tune.grace_period,
-                                    reduction_factor=cfg.tune.reduction_factor, stop_last_trials=False),
+            max_concurrent_trials=concurrent, scheduler=asha_scheduler(cfg, steps),
         ),
         run_config=tune.RunConfig(name=cfg.tune.name, storage_path=str(sweep_dir / "tune"),
                                   callbacks=[_release_callback(sweep_dir / "trials")]),
     )
     grid = tuner.fit()
-    rows = [trial_row(r.metrics or {}, r.config or {}, r.path, r.metrics_dataframe, r.error, cfg)
+    rows = [trial_row(r.metrics or {}, r.config or {}, r.path, r.metrics_dataframe, r.error, cfg, steps)
             for r in grid]
     release = export_release(rows, sweep_dir / "release", cfg)
     winner = json.loads((release / METRICS).read_text())
     return SweepOutcome(sweep_dir, release, rows, winner)
 
 
-def trial_row(metrics: dict, config: dict, path: str, frame, error, cfg: Config) -> dict[str, Any]:
-    """One line of the sweep table. ``status``: completed (ran every step), stopped early (by
-    ASHA) or error."""
+def trial_row(metrics: dict, config: dict, path: str, frame, error, cfg: Config, steps_planned: int) -> dict[str, Any]:
+    """One line of the sweep table. ``status``: completed (ran all ``steps_planned`` steps),
+    stopped early (by ASHA) or error."""
     metric = cfg.tune.metric
     steps = int(metrics.get("step", 0) or 0)
     curve: list[tuple[int, float]] = []
@@ -170,7 +189,7 @@ def trial_row(metrics: dict, config: dict, path: str, frame, error, cfg: Config)
         # the trial's closing report repeats the last validation: one point per step
         curve = sorted({int(s): float(v) for s, v in zip(sub["step"], sub[metric])}.items())
     last_val = curve[-1][1] if curve else float("nan")
-    status = "error" if error is not None else ("completed" if steps >= cfg.train.max_steps else "stopped early")
+    status = "error" if error is not None else ("completed" if steps >= steps_planned else "stopped early")
     return {
         "trial": Path(path).name if path else "",
         "lr": float(config.get("lr", float("nan"))),
