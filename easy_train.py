@@ -165,34 +165,54 @@ def test(
         raise typer.Exit(1)
 
 
+def _check_push(cfg, repo_id: str | None, dry_run: bool, allow_synthetic: bool) -> None:
+    """Every reason the push would be refused, before hours of training (exit code 2). A dry run
+    uploads nothing: it needs no token, and a synthetic training set is only noted."""
+    from catvton.publish import PublishError, check_data_source, check_repo_id, hub_token
+
+    def problem(check) -> str | None:
+        try:
+            check()
+        except PublishError as e:
+            return str(e)
+        return None
+
+    synthetic = problem(lambda: check_data_source(cfg.data.source, allow_synthetic))
+    problems = [problem(lambda: check_repo_id(repo_id))]
+    if dry_run:
+        if synthetic:
+            typer.echo(f"note: a real push would be refused: {synthetic}")
+    else:
+        problems += [synthetic, problem(hub_token)]
+    for p in filter(None, problems):
+        typer.echo(f"error: {p}", err=True)
+    if any(problems):
+        raise typer.Exit(2)
+
+
 @app.command()
 def full(
     epochs: Annotated[int, typer.Option(help="Passes over the training pairs.")] = 10,
     push_to_hub: Annotated[bool, typer.Option("--push-to-hub", help="After training, evaluate on the test split and upload the LoRA with a model card to the Hugging Face Hub (token from HF_TOKEN).")] = False,
     hub_model_id: Annotated[Optional[str], typer.Option(help="Hub repo for --push-to-hub, e.g. you/catvton-flux-bottoms-lora.")] = None,
     hub_dry_run: Annotated[bool, typer.Option("--hub-dry-run", help="With --push-to-hub: write the upload folder (<run>/hub-upload) but upload nothing.")] = False,
+    allow_synthetic: Annotated[bool, typer.Option("--allow-synthetic", help="With --push-to-hub: upload a LoRA trained on the synthetic rows (data.source: synthetic, the offline default), a rehearsal rather than a try-on model.")] = False,
     eval_pairs: Annotated[int, typer.Option(help="Test pairs per garment group scored for the model card (0: all).")] = 64,
     config: ConfigOpt = DEFAULT_CONFIG,
     set_: SetOpt = None,
 ) -> None:
     """The full training run through the same Ray job (re-running resumes), optionally published."""
     from catvton.offline import resolve
-    from catvton.publish import PublishError, build_upload_folder, check_repo_id, hub_token, push
+    from catvton.publish import build_upload_folder, push
     from catvton.ray_utils import init_ray
     from catvton.train.job import run_job, summary_lines
 
     if hub_model_id and not push_to_hub:
         typer.echo("error: --hub-model-id is only used with --push-to-hub; add --push-to-hub (or drop the id)", err=True)
         raise typer.Exit(2)
-    if push_to_hub:
-        try:  # fail before hours of training, not after
-            check_repo_id(hub_model_id)
-            if not hub_dry_run:
-                hub_token()
-        except PublishError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2)
     cfg = _load(config, list(set_ or []) + [f"train.epochs={epochs}", "train.max_steps=0"])
+    if push_to_hub:
+        _check_push(cfg, hub_model_id, hub_dry_run, allow_synthetic)
     init_ray()
     outcome = run_job(resolve(cfg))
     typer.echo("\n".join(summary_lines(outcome)))
@@ -209,7 +229,7 @@ def full(
     if hub_dry_run:
         typer.echo(f"dry run: the upload folder is {folder}; nothing uploaded")
         return
-    typer.echo(f"published: {push(folder, hub_model_id)}")
+    typer.echo(f"published: {push(folder, hub_model_id, allow_synthetic=allow_synthetic)}")
 
 
 @app.command("config")

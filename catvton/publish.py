@@ -6,7 +6,9 @@ The upload folder is built from a release folder (``ray_jobs/tune.py``) or any L
 present, ``training_config.json``, ``metrics.json``, the sweep's table and plot and the
 evaluation report (``eval/report.md``, ``eval/report.json``, ``eval/grid_<group>.png``).
 ``--dry-run`` writes exactly that folder and uploads nothing. The token comes from ``HF_TOKEN``
-(or ``HUGGING_FACE_HUB_TOKEN``) and is never printed, logged or written.
+(or ``HUGGING_FACE_HUB_TOKEN``) and is never printed, logged or written. A LoRA trained on the
+synthetic rows (``data.source: synthetic``, the offline default) is a rehearsal, not a try-on
+model: :func:`push` refuses it unless the caller allows it explicitly (``--allow-synthetic``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from catvton.artifacts import LORA_WEIGHTS, METRICS, REPORT_JSON, REPORT_MD, TRAINING_CONFIG
-from catvton.config import config_from_dict
+from catvton.config import Config, ModelConfig, config_from_dict
 from catvton.eval.report import evaluation_table
 from catvton.schema import HUB_DATASET_ID
 
@@ -46,6 +48,22 @@ def check_repo_id(repo_id: str | None) -> str:
         raise PublishError(f"--hub-model-id {repo_id!r}: give the repo as <user or org>/<name>, "
                            "e.g. you/catvton-flux-bottoms-lora")
     return repo_id
+
+
+def check_data_source(source: str | None, allow_synthetic: bool = False) -> None:
+    """Refuse to publish a LoRA trained on ``source`` when it is the synthetic set, unless
+    ``allow_synthetic``. ``source``: the run's ``data.source`` (None: unknown, allowed)."""
+    if source == "synthetic" and not allow_synthetic:
+        raise PublishError(
+            "this LoRA was trained on synthetic rows (data.source: synthetic, the offline default of "
+            "configs/tiny.yaml): a rehearsal of the pipeline that has never seen a photo, which a Hub repo would "
+            "present as a try-on model. Train on the real data first (--config configs/l40s.yaml, or --set "
+            f"data.source={HUB_DATASET_ID}), or pass --allow-synthetic to publish this one anyway")
+
+
+def trained_data_source(folder: str | Path) -> str | None:
+    """``data.source`` of the run whose weights are in ``folder`` (its training config), or None."""
+    return _read_json(Path(folder) / TRAINING_CONFIG).get("data", {}).get("source")
 
 
 def build_upload_folder(lora_dir: str | Path, out: str | Path, repo_id: str) -> Path:
@@ -97,6 +115,11 @@ def model_card(folder: Path, repo_id: str) -> str:
         "A LoRA that teaches the CatVTON-Flux try-on model (FLUX.1-Fill-dev with a try-on fine-tune) "
         "lower-body garments and dresses: pants, jeans, shorts, skirts and full dresses, while keeping tops.",
         "",
+    ]
+    if cfg and cfg.data.source == "synthetic":
+        lines += ["**Trained on synthetic rows**: a rehearsal of the training pipeline on procedurally drawn "
+                  "figures, not a try-on model for photos.", ""]
+    lines += [
         f"- Base: `{base}`" + (f", transformer replaced by `{override}`" if override else ""),
     ]
     if cfg:
@@ -138,39 +161,62 @@ def model_card(folder: Path, repo_id: str) -> str:
                   "grey fill of the masked region (the trivial reference), one seed per pair "
                   "(`catvton.eval.report.evaluate`; `eval/report.md` has the grids).", "",
                   evaluation_table(report)]
-    lines += [
-        "",
-        "## Usage",
-        "",
-        "```python",
-        "import torch",
-        "from diffusers import FluxFillPipeline, FluxTransformer2DModel",
-        "",
-    ]
-    if override:
-        lines += [f'transformer = FluxTransformer2DModel.from_pretrained("{override}", torch_dtype=torch.bfloat16)',
-                  f'pipe = FluxFillPipeline.from_pretrained("{base}", transformer=transformer, torch_dtype=torch.bfloat16)']
-    else:
-        lines.append(f'pipe = FluxFillPipeline.from_pretrained("{base}", torch_dtype=torch.bfloat16)')
-    lines += [
-        f'pipe.load_lora_weights("{repo_id}")',
-        "pipe.to(\"cuda\")",
-        "# image: [garment | person] side by side; mask_image: white over the garment region of the person half",
-        "result = pipe(prompt=PROMPT, image=canvas, mask_image=mask, height=H, width=2 * W,",
-        "              num_inference_steps=28, guidance_scale=30.0).images[0]",
-        "```",
-        "",
-        "Paste the generated masked region back onto the person: pixels outside the mask stay the input's.",
-        "",
-    ]
+    lines += ["", "## Usage", "", "```python", *usage_snippet(cfg, base, override, repo_id), "```", ""]
     return "\n".join(lines)
 
 
-def push(folder: str | Path, repo_id: str, private: bool = False) -> str:
-    """Upload ``folder`` to the model repo ``repo_id`` (created if missing); returns its URL."""
+def usage_snippet(cfg: Config | None, base: str, override: str | None, repo_id: str) -> list[str]:
+    """A self-contained Python snippet (lines) that dresses ``person.jpg`` in ``garment.jpg`` with
+    this LoRA: the canvas, mask, prompt and sampler settings of the training config (FLUX's when
+    there is none), the generated region pasted back onto the person."""
+    w, h = (cfg.canvas.half_width, cfg.canvas.half_height) if cfg else (768, 1024)
+    prompt = cfg.model.prompt if cfg else ModelConfig().prompt
+    tokens = cfg.model.max_sequence_length if cfg else ModelConfig().max_sequence_length
+    steps, guidance = (cfg.infer.steps, cfg.infer.guidance) if cfg else (28, 30.0)
+    q = json.dumps  # a double-quoted Python string literal
+    lines = [
+        "import torch",
+        "from diffusers import FluxFillPipeline" + (", FluxTransformer2DModel" if override else ""),
+        "from PIL import Image",
+        "",
+        'device, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)',
+    ]
+    if override:
+        lines += [f"transformer = FluxTransformer2DModel.from_pretrained({q(override)}, dtype=dtype)",
+                  f"pipe = FluxFillPipeline.from_pretrained({q(base)}, transformer=transformer, dtype=dtype)"]
+    else:
+        lines.append(f"pipe = FluxFillPipeline.from_pretrained({q(base)}, dtype=dtype)")
+    return lines + [
+        f"pipe.load_lora_weights({q(repo_id)})",
+        "pipe.to(device)",
+        "",
+        f"W, H = {w}, {h}  # one half of the training canvas",
+        f"PROMPT = {q(prompt)}",
+        'garment = Image.open("garment.jpg").convert("RGB").resize((W, H))  # the garment on its own',
+        'person = Image.open("person.jpg").convert("RGB").resize((W, H))  # the person to dress',
+        'region = Image.open("person_mask.png").convert("L").resize((W, H))  # white where the garment goes',
+        'canvas = Image.new("RGB", (2 * W, H))  # [garment | person]',
+        "canvas.paste(garment, (0, 0))",
+        "canvas.paste(person, (W, 0))",
+        'mask = Image.new("L", (2 * W, H), 0)  # [nothing | region]',
+        "mask.paste(region, (W, 0))",
+        "result = pipe(prompt=PROMPT, image=canvas, mask_image=mask, height=H, width=2 * W,",
+        f"              num_inference_steps={steps}, guidance_scale={guidance}, max_sequence_length={tokens},",
+        '              generator=torch.Generator("cpu").manual_seed(0)).images[0]',
+        "# the person's own pixels outside the region, the generated ones inside it",
+        "tryon = Image.composite(result.crop((W, 0, 2 * W, H)), person, region)",
+        'tryon.save("tryon.png")',
+    ]
+
+
+def push(folder: str | Path, repo_id: str, private: bool = False, allow_synthetic: bool = False) -> str:
+    """Upload ``folder`` to the model repo ``repo_id`` (created if missing); returns its URL.
+    Refuses a LoRA trained on the synthetic rows unless ``allow_synthetic``
+    (:func:`check_data_source`)."""
     from huggingface_hub import HfApi
 
     check_repo_id(repo_id)
+    check_data_source(trained_data_source(folder), allow_synthetic)
     api = HfApi(token=hub_token())
     api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
     api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",

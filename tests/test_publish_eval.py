@@ -209,6 +209,8 @@ def test_dry_run_writes_the_upload_folder_and_leaks_no_token(lora_folder, tmp_pa
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert SECRET not in proc.stdout + proc.stderr
+    # trained on the synthetic rows: a dry run uploads nothing, so it goes on and says a push would be refused
+    assert "note: a real push would be refused: this LoRA was trained on synthetic rows" in proc.stdout
     names = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     assert names == ["README.md", "eval/grid_lower.png", "eval/report.json", "eval/report.md", "metrics.json",
                      "pytorch_lora_weights.safetensors", "training_config.json"]
@@ -222,6 +224,7 @@ def test_dry_run_writes_the_upload_folder_and_leaks_no_token(lora_folder, tmp_pa
     assert "`masked_*` inside the try-on mask, `half_*` over the whole half" in card
     assert "| val_loss | 0.4321 |" in card and "LoRA rank / alpha | 4 / 8" in card
     assert "`lpips` not computed" in card
+    assert "**Trained on synthetic rows**" in card
 
     from diffusers import FluxFillPipeline
 
@@ -261,16 +264,117 @@ def test_push_uses_the_environment_token_and_never_logs_it(lora_folder, tmp_path
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
     with pytest.raises(PublishError, match="HF_TOKEN"):
-        push(folder, "someone/catvton-bottoms")
+        push(folder, "someone/catvton-bottoms", allow_synthetic=True)
     with pytest.raises(PublishError, match="<user or org>/<name>"):
-        push(folder, "no-slash")
+        push(folder, "no-slash", allow_synthetic=True)
     monkeypatch.setenv("HF_TOKEN", SECRET)
-    url = push(folder, "someone/catvton-bottoms")
+    url = push(folder, "someone/catvton-bottoms", allow_synthetic=True)  # the fixture's LoRA: synthetic rows
     assert url == "https://huggingface.co/someone/catvton-bottoms"
     assert calls[0] == ("token", SECRET) and calls[1] == ("create", "someone/catvton-bottoms")
     assert calls[2][0] == "upload" and "pytorch_lora_weights.safetensors" in calls[2][2]
     captured = capsys.readouterr()
     assert SECRET not in captured.out + captured.err
+
+
+def _publish_job():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("publish_job", ROOT / "ray_jobs" / "publish.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_lora_trained_on_synthetic_rows_is_published_only_when_allowed(lora_folder, tmp_path, monkeypatch, capsys):
+    """``data.source: synthetic`` in the LoRA's training config: push and ray_jobs/publish.py refuse it,
+    saying why and what to do, before any call to the hub; ``--allow-synthetic`` publishes it; a dry run
+    with the flag writes the folder without the note."""
+    import huggingface_hub
+
+    from catvton.publish import PublishError, build_upload_folder, push
+
+    folder, _ = lora_folder
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls.append("api")
+
+        def create_repo(self, repo_id, **kw):
+            calls.append("create")
+
+        def upload_folder(self, folder_path, repo_id, **kw):
+            calls.append("upload")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    upload = build_upload_folder(folder, tmp_path / "up", "someone/catvton-bottoms")
+    with pytest.raises(PublishError) as refused:
+        push(upload, "someone/catvton-bottoms")
+    message = str(refused.value)
+    for what in ("trained on synthetic rows", "data.source: synthetic", "--config configs/l40s.yaml",
+                 "--allow-synthetic"):
+        assert what in message, (what, message)
+    assert calls == [], "refused before the hub is asked for anything"
+
+    job = _publish_job()
+    args = ["--lora", str(folder), "--hub-model-id", "someone/catvton-bottoms", "--out", str(tmp_path / "job")]
+    assert job.main(args) == 2
+    assert "trained on synthetic rows" in capsys.readouterr().err and calls == []
+    assert job.main(args + ["--allow-synthetic"]) == 0
+    assert calls == ["api", "create", "upload"]
+    assert "published: https://huggingface.co/someone/catvton-bottoms" in capsys.readouterr().out
+    assert job.main(args + ["--dry-run", "--allow-synthetic", "--out", str(tmp_path / "dry")]) == 0
+    out = capsys.readouterr().out
+    assert "dry run: nothing uploaded" in out and "note:" not in out
+    assert (tmp_path / "dry" / "pytorch_lora_weights.safetensors").is_file() and len(calls) == 3
+
+
+def test_the_model_cards_usage_snippet_runs_as_written(lora_folder, tmp_path):
+    """The card's Python block, extracted from a dry-run card and run as a script, offline, on the
+    tiny base the LoRA was trained on. The only edit: the card loads the LoRA by its hub id
+    (someone/catvton-bottoms, not uploaded), so the test puts the dry-run folder in its place
+    (load_lora_weights takes either). Run again without the LoRA line: the LoRA changes the
+    try-on, and outside the mask every pixel is the person's."""
+    import os
+    import re
+
+    from catvton.publish import build_upload_folder
+
+    folder, cfg = lora_folder
+    upload = build_upload_folder(folder, tmp_path / "upload", "someone/catvton-bottoms")
+    blocks = re.findall(r"```python\n(.*?)```", (upload / "README.md").read_text(), flags=re.S)
+    assert len(blocks) == 1
+    lora_line = 'pipe.load_lora_weights("someone/catvton-bottoms")\n'
+    assert blocks[0].count(lora_line) == 1
+    snippet = blocks[0].replace(lora_line, f"pipe.load_lora_weights({str(upload)!r})\n")
+
+    w, h = cfg.canvas.half_width, cfg.canvas.half_height
+    rng = np.random.default_rng(0)
+    region = np.zeros((160, 120), np.uint8)
+    region[70:150, 25:95] = 255  # lower body
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    results = {}
+    for name, code in (("lora", snippet), ("base", snippet.replace(f"pipe.load_lora_weights({str(upload)!r})\n", ""))):
+        run = tmp_path / name
+        run.mkdir()
+        Image.fromarray(rng.integers(0, 255, (200, 150, 3), dtype=np.uint8)).save(run / "garment.jpg")
+        Image.fromarray(np.full((160, 120, 3), (200, 150, 120), np.uint8)).save(run / "person.jpg")
+        Image.fromarray(region).save(run / "person_mask.png")
+        (run / "snippet.py").write_text(code)
+        proc = subprocess.run([sys.executable, "snippet.py"], cwd=run, capture_output=True, text=True, env=env,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[name] = np.asarray(Image.open(run / "tryon.png").convert("RGB"))
+    person = np.asarray(Image.open(tmp_path / "lora" / "person.jpg").convert("RGB").resize((w, h)))
+    inside = np.asarray(Image.open(tmp_path / "lora" / "person_mask.png").convert("L").resize((w, h)))
+    assert results["lora"].shape == (h, w, 3)
+    outside = inside == 0
+    assert outside.sum() > 0.5 * w * h
+    for result in results.values():
+        assert np.array_equal(result[outside], person[outside]), "outside the mask: the person's own pixels"
+    full = inside == 255
+    assert not np.array_equal(results["lora"][full], results["base"][full]), "the LoRA changes the try-on"
 
 
 def test_full_refuses_a_push_it_could_not_do_before_training(tmp_path):
@@ -281,6 +385,12 @@ def test_full_refuses_a_push_it_could_not_do_before_training(tmp_path):
     no_token = subprocess.run(cmd + ["--push-to-hub", "--hub-model-id", "a/b"], capture_output=True, text=True,
                               env=env, timeout=120)
     assert no_token.returncode == 2 and "HF_TOKEN" in no_token.stderr
+    # the offline default trains on synthetic rows: refused too, in the same report (every problem at once)
+    assert "trained on synthetic rows" in no_token.stderr and "--allow-synthetic" in no_token.stderr
+    synthetic = subprocess.run(cmd + ["--push-to-hub", "--hub-model-id", "a/b"], capture_output=True, text=True,
+                               env={**env, "HF_TOKEN": SECRET}, timeout=120)
+    assert synthetic.returncode == 2 and "trained on synthetic rows" in synthetic.stderr
+    assert "HF_TOKEN" not in synthetic.stderr and SECRET not in synthetic.stdout + synthetic.stderr
     bad_id = subprocess.run(cmd + ["--push-to-hub", "--hub-model-id", "nope"], capture_output=True, text=True,
                             env=env, timeout=120)
     assert bad_id.returncode == 2 and "<user or org>/<name>" in bad_id.stderr
