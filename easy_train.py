@@ -104,6 +104,20 @@ def _plan_or_refuse(cfg, gpu: str) -> None:
         raise typer.Exit(2)
 
 
+def _train(cfg):
+    """The Ray job on ``cfg`` (offline names resolved); a rerun that cannot continue its saved run
+    on this schedule exits with code 2 and the message saying what to do."""
+    from catvton.offline import resolve
+    from catvton.train.checkpoint import ScheduleChanged
+    from catvton.train.job import run_job
+
+    try:
+        return run_job(resolve(cfg))
+    except ScheduleChanged as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+
+
 def _findings(outcome, history: list[dict]) -> list[str]:
     """Problems a short run can reveal, each with what to do."""
     from catvton.cache.read import load_manifest
@@ -138,16 +152,15 @@ def test(
     import json
 
     from catvton.artifacts import loss_history
-    from catvton.offline import resolve
     from catvton.ray_utils import init_ray
-    from catvton.train.job import run_job, summary_lines
+    from catvton.train.job import summary_lines
 
     cfg = _load(config, list(set_ or []) + [f"train.max_steps={steps}", f"train.val_every={max(1, steps // 3)}",
                                             f"train.checkpoint_every={steps}"])
     cfg.run.name = cfg.run.name + "-test"
     _plan_or_refuse(cfg, gpu)
     init_ray()
-    outcome = run_job(resolve(cfg))
+    outcome = _train(cfg)
     history = loss_history(outcome.checkpoint_dir)
     found = _findings(outcome, history)
     memory = {k: max((h.get(k, 0.0) for h in history), default=0.0) for k in ("peak_rss_mb", "peak_cuda_mb")}
@@ -202,10 +215,9 @@ def full(
     set_: SetOpt = None,
 ) -> None:
     """The full training run through the same Ray job (re-running resumes), optionally published."""
-    from catvton.offline import resolve
     from catvton.publish import build_upload_folder, push
     from catvton.ray_utils import init_ray
-    from catvton.train.job import run_job, summary_lines
+    from catvton.train.job import summary_lines
 
     if hub_model_id and not push_to_hub:
         typer.echo("error: --hub-model-id is only used with --push-to-hub; add --push-to-hub (or drop the id)", err=True)
@@ -214,7 +226,7 @@ def full(
     if push_to_hub:
         _check_push(cfg, hub_model_id, hub_dry_run, allow_synthetic)
     init_ray()
-    outcome = run_job(resolve(cfg))
+    outcome = _train(cfg)
     typer.echo("\n".join(summary_lines(outcome)))
     if not push_to_hub:
         return

@@ -13,7 +13,8 @@ Against a local head node:  ray start --head --num-cpus 2 && ray job submit --ad
     http://127.0.0.1:8265 --working-dir . -- python ray_jobs/train.py
 
 Overrides: --set train.lr=1e-4 --set run.name=my-run. Re-running with the same run.name
-resumes that run from its latest checkpoint.
+resumes that run from its latest checkpoint (and continues to a longer schedule; a shorter one
+than the checkpoint's step is refused, exit code 2: give the run a new name).
 """
 
 from __future__ import annotations
@@ -35,11 +36,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from catvton.offline import resolve
     from catvton.ray_utils import init_ray
+    from catvton.train.checkpoint import ScheduleChanged
     from catvton.train.job import run_job, summary_lines
 
     init_ray()
     cfg = resolve(cfg)  # offline names (tiny, tiny-alpha, synthetic) -> cached folders, built once
-    outcome = run_job(cfg, num_encoders=args.encoders)
+    try:
+        outcome = run_job(cfg, num_encoders=args.encoders)
+    except ScheduleChanged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print("\n== training finished ==")
     print("\n".join(summary_lines(outcome)))
     return 0

@@ -150,6 +150,34 @@ def test_a_worker_failure_is_survived_and_a_rerun_resumes(tmp_path, small_cache)
 
 
 @pytest.mark.ray
+def test_a_rerun_with_another_schedule_is_refused_or_continues_never_passed_off(tmp_path, small_cache):
+    """A name rerun with a schedule that ends before its checkpoint: refused with what to do, the
+    exported LoRA untouched; with a longer schedule: trains on from the checkpoint to the new end
+    (issue 11, item 10; the decision itself: tests/test_resume_schedule.py)."""
+    from catvton.train.checkpoint import ScheduleChanged
+    from catvton.train.job import fit
+
+    common = ("train.checkpoint_every=4", "train.val_every=4", "train.val_batches=1", "run.name=rerun")
+    first = fit(small_cfg(tmp_path, "train.max_steps=4", *common), small_cache)
+    assert first.metrics["step"] == 4
+    exported = (first.weights_dir / artifacts.LORA_WEIGHTS).read_bytes()
+
+    with pytest.raises(ScheduleChanged, match=r"checkpoint at step 4 of 4 planned .* this config plans 2 steps.*"
+                                              r"--set run.name=rerun-2"):
+        fit(small_cfg(tmp_path, "train.max_steps=2", *common), small_cache)
+    assert (first.weights_dir / artifacts.LORA_WEIGHTS).read_bytes() == exported, "nothing exported"
+
+    longer = fit(small_cfg(tmp_path, "train.max_steps=6", *common), small_cache)
+    assert longer.metrics["step"] == 6
+    state = artifacts.load_training_state(longer.checkpoint_dir)
+    assert (state["step"], state["total_steps"]) == (6, 6)
+    assert [h["step"] for h in state["history"]] == [0, 4, 5, 6], "steps 5 and 6 trained on top of step 4"
+    assert (longer.run_dir / artifacts.RESUMES).read_text().splitlines() == [
+        "resumed from step 4 (the saved run planned 4 steps; it continues on this config's schedule)"]
+    assert (longer.weights_dir / artifacts.LORA_WEIGHTS).read_bytes() != exported
+
+
+@pytest.mark.ray
 def test_a_nonfinite_loss_stops_the_run_with_the_step_and_checkpoint(tmp_path, small_cache):
     from catvton.train.job import fit
     from catvton.train.engine import NonFiniteLoss

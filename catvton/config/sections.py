@@ -192,7 +192,8 @@ class InferConfig:
 @dataclass
 class RunOptions:
     name: str = "catvton-lora"
-    """Run name: re-using a name resumes that run from its latest checkpoint."""
+    """Run name: re-using a name resumes that run from its latest checkpoint, on to this config's
+    length; a length that ends at or before the checkpoint's step (when the plan changed) is refused."""
     storage_path: str = "outputs/ray"
     """Where Ray keeps checkpoints and results (shared storage on a cluster, e.g. s3:// or NFS)."""
     output_dir: str = "outputs"

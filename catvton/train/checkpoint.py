@@ -61,23 +61,53 @@ def load_weights(model: torch.nn.Module, folder: Path, cfg: Config) -> None:
 
 
 def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer, scheduler, step: int, history: list[dict],
-                    cfg: Config, generator: torch.Generator) -> None:
-    """A whole checkpoint folder: weights, training state (optimizer, scheduler, ``step``, the
-    loss ``history``, the global and the noise ``generator``'s RNG states) and the config."""
+                    cfg: Config, generator: torch.Generator, total: int) -> None:
+    """A whole checkpoint folder: weights, training state (optimizer, scheduler, ``step`` of the
+    run's ``total`` steps, the loss ``history``, the global and the noise ``generator``'s RNG
+    states) and the config."""
     save_weights(model, folder, cfg)
     artifacts.save_training_state(folder, {
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-        "history": history, "torch_rng": torch.get_rng_state(), "generator": generator.get_state()})
+        "total_steps": total, "history": history, "torch_rng": torch.get_rng_state(),
+        "generator": generator.get_state()})
     (folder / artifacts.CHECKPOINT_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
 
+class ScheduleChanged(RuntimeError):
+    """A rerun of a run name whose checkpoint is already at (or past) the end of the new, different
+    schedule: resuming would train nothing and present the old run as this one."""
+
+
+def resume_note(saved_step: int, saved_total: int | None, total: int, cfg: Config) -> str:
+    """What resuming a checkpoint at ``saved_step`` of a run that planned ``saved_total`` steps
+    means for this config's ``total``: the line for the run's log (``resumed from step N``, and
+    the change when the plan changed: the run continues to ``total`` with this config's schedule).
+    Raises :class:`ScheduleChanged` when the plan changed and the checkpoint is already at or past
+    ``total`` (``saved_total`` None: a checkpoint that did not record it; refused past ``total``)."""
+    changed = saved_total is not None and saved_total != total
+    if saved_step > total or (changed and saved_step >= total):
+        planned = f" of {saved_total} planned" if saved_total is not None else ""
+        raise ScheduleChanged(
+            f"run.name={cfg.run.name} has a checkpoint at step {saved_step}{planned} (under "
+            f"{cfg.run.storage_path}/{cfg.run.name}), and this config plans {total} steps: resuming would train "
+            f"nothing and present that run as this one. Give this run a new name (--set run.name={cfg.run.name}-"
+            f"{total}), or, to train this name again from step 0, delete {cfg.run.storage_path}/{cfg.run.name}")
+    line = f"resumed from step {saved_step}"
+    if changed:
+        line += f" (the saved run planned {saved_total} steps; it continues on this config's schedule)"
+    return line
+
+
 def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer, scheduler, cfg: Config,
-                    generator: torch.Generator) -> tuple[int, list[dict]]:
-    """Restore what :func:`save_checkpoint` wrote; returns (step, loss history)."""
-    load_weights(model, folder, cfg)
+                    generator: torch.Generator, total: int) -> tuple[int, list[dict], str]:
+    """Restore what :func:`save_checkpoint` wrote into a run of ``total`` steps; returns (step,
+    loss history, :func:`resume_note`). Raises :class:`ScheduleChanged` before restoring
+    anything when the checkpoint cannot continue on this schedule."""
     state = artifacts.load_training_state(folder)
+    note = resume_note(int(state["step"]), state.get("total_steps"), total, cfg)
+    load_weights(model, folder, cfg)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     generator.set_state(state["generator"])
-    return int(state["step"]), list(state["history"])
+    return int(state["step"]), list(state["history"]), note

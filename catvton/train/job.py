@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Callable
 
 from catvton import artifacts
-from catvton.artifacts import FINAL_METRICS, PLACEMENT_GROUP, STOPPED
+from catvton.artifacts import FINAL_METRICS, PLACEMENT_GROUP, REFUSED, STOPPED
 from catvton.cache.build import build_latent_cache
 from catvton.cache.read import open_split
 from catvton.config import Config
+from catvton.train.checkpoint import ScheduleChanged
 from catvton.train.engine import NonFiniteLoss
 from catvton.train.loop import train_loop_per_worker
 
@@ -57,7 +58,8 @@ def fit(cfg: Config, cache_dir: Path, log: Callable[[str], None] = print, log_ev
     leave no CPU free for a streaming read). ``worker_hooks``: a small picklable
     :class:`catvton.train.loop.WorkerHooks` every worker calls (tests inject faults with it).
     Raises :class:`catvton.train.engine.NonFiniteLoss` when the workers stopped on a NaN or
-    infinite loss."""
+    infinite loss, and :class:`catvton.train.checkpoint.ScheduleChanged` when ``run.name`` names
+    a run whose checkpoint is past this config's (different) schedule: nothing is exported then."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -65,7 +67,8 @@ def fit(cfg: Config, cache_dir: Path, log: Callable[[str], None] = print, log_ev
     t = cfg.train
     out_dir = run_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / STOPPED).unlink(missing_ok=True)  # a reason left by an earlier attempt
+    for reason in (STOPPED, REFUSED):  # left by an earlier attempt
+        (out_dir / reason).unlink(missing_ok=True)
     train_ds = open_split(cache_dir, "train")
     if materialize is None:
         materialize = ray.cluster_resources().get("CPU", 0) - t.num_workers * t.cpus_per_worker < 1
@@ -96,6 +99,8 @@ def fit(cfg: Config, cache_dir: Path, log: Callable[[str], None] = print, log_ev
     release_placement_group(out_dir, log)
     if result.error is not None:
         raise result.error
+    if (out_dir / REFUSED).is_file():
+        raise ScheduleChanged((out_dir / REFUSED).read_text().strip())
     if (out_dir / STOPPED).is_file():
         last = f" Latest checkpoint folder: {result.checkpoint.path}." if result.checkpoint else ""
         raise NonFiniteLoss((out_dir / STOPPED).read_text().strip() + last)

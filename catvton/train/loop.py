@@ -19,11 +19,11 @@ from typing import Any, Iterator, Protocol
 import numpy as np
 import torch
 
-from catvton.artifacts import PLACEMENT_GROUP, RESUMES, STOPPED
+from catvton.artifacts import PLACEMENT_GROUP, REFUSED, RESUMES, STOPPED
 from catvton.cache.read import decode_batch, load_manifest, load_samples, load_text_embeds, split_files
 from catvton.config import Config, config_from_dict, steps_per_epoch, total_steps
 from catvton.infer.tryon import TryOn, grid_image
-from catvton.train.checkpoint import load_checkpoint, save_checkpoint
+from catvton.train.checkpoint import ScheduleChanged, load_checkpoint, save_checkpoint
 from catvton.train.engine import (TextContext, build_transformer, fill_loss, fixed_val_loss, make_optimizer,
                                   non_finite_message, train_step, trainable_parameters)
 from catvton.train.tracking import Tracker, plot_loss_curve
@@ -106,13 +106,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     step, history = 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            step, history = load_checkpoint(Path(d), model, optimizer, scheduler, cfg, generator)
+        try:
+            with checkpoint.as_directory() as d:
+                step, history, note = load_checkpoint(Path(d), model, optimizer, scheduler, cfg, generator, total)
+        except ScheduleChanged as e:
+            # Every rank reads the same checkpoint and returns here. Returning (not raising)
+            # keeps Ray from retrying; the driver raises the reason (job.fit).
+            if rank == 0:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / REFUSED).write_text(str(e) + "\n")
+            return
         if rank == 0:
-            print(f"[catvton] resumed from step {step} of {total}")
+            # "resumed from step 5 of 30", and why when the saved run planned another length
+            print(f"[catvton] resumed from step {step} of {total}{note.removeprefix(f'resumed from step {step}')}")
             run_dir.mkdir(parents=True, exist_ok=True)
             with open(run_dir / RESUMES, "a") as f:  # the run's own record of where it restarted
-                f.write(f"resumed from step {step}\n")
+                f.write(note + "\n")
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
 
     tracker = Tracker(run_dir, cfg, enabled=rank == 0)
@@ -136,7 +145,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                save_checkpoint(Path(tmp), model, optimizer, scheduler, metrics["step"], history, cfg, generator)
+                save_checkpoint(Path(tmp), model, optimizer, scheduler, metrics["step"], history, cfg, generator, total)
                 plot_loss_curve(history, run_dir / "loss_curve.png", title=f"{cfg.run.name}: flow-matching loss")
                 if samples is not None:
                     _sample_grid(model, samples, cfg, run_dir / f"samples_step{metrics['step']:06d}.png")
