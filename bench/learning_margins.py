@@ -11,7 +11,8 @@ and says so), and it is scored against the base and alpha it was trained on.
 
 Prints, per seed, the lower-body val loss at step 0 and at the end, and masked_* / half_* PSNR and
 SSIM per group; then the smallest margins over the seeds (LoRA - alpha and LoRA - grey on lower
-and full; LoRA - alpha on upper). docs/PERFORMANCE.md records them; tests/test_learning.py
+and full; LoRA - alpha on upper; the garment-transfer margin and colour following of the LoRA on
+lower and full and of the alpha on upper). docs/PERFORMANCE.md records them; tests/test_learning.py
 asserts half of the smallest.
 """
 
@@ -26,7 +27,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-EVALUATION = "catvton.eval.report.evaluate"
+EVALUATION = "catvton.eval.report.evaluate with transfer"
 """Marks a per-seed result of the unified evaluation (results of an older path are recomputed)."""
 COMPARED = ("train", "lora", "data", "canvas", "mask", "infer")
 """Config sections a reused run must share with the requested job."""
@@ -100,6 +101,12 @@ def margins(result: dict) -> dict[str, float]:
             out[f"{g}_{m}_vs_grey"] = s[g]["lora"][m] - s[g]["grey"][m]
     for m in PER_IMAGE:
         out[f"upper_{m}_vs_alpha"] = s["upper"]["lora"][m] - s["upper"]["base"][m]
+    # does the person wear the garment given? own vs swapped garment, and colour following
+    for g in ("lower", "full"):
+        out[f"{g}_transfer_margin_db"] = s[g]["transfer"]["lora"]["margin_db"]
+        out[f"{g}_colour_following"] = s[g]["transfer"]["lora"]["colour_following"]
+    out["upper_alpha_transfer_margin_db"] = s["upper"]["transfer"]["base"]["margin_db"]
+    out["upper_alpha_colour_following"] = s["upper"]["transfer"]["base"]["colour_following"]
     out["val_lower_end_over_start"] = result["val_loss_lower_end"] / result["val_loss_lower_start"]
     return out
 
@@ -134,6 +141,11 @@ def main() -> None:
             cells = [f"{'':>11s} " + " ".join(f"{s[k][m]:5.2f}" if "psnr" in m else f"{s[k][m]:5.3f}"
                                                for k in ("base", "lora", "grey")) for m in PER_IMAGE]
             print(f"  {g:6s} {s['pairs']:5d} {s['pids']:4d} | " + " | ".join(cells))
+        print("  garment transfer (own - swapped garment, masked PSNR dB; colour following r)  alpha | LoRA")
+        for g, s in r["groups"].items():
+            t = s["transfer"]
+            print(f"  {g:6s} margin {t['base']['margin_db']:+5.2f} | {t['lora']['margin_db']:+5.2f}   "
+                  f"colour {t['base']['colour_following']:.3f} | {t['lora']['colour_following']:.3f}")
     all_m = [margins(r) for r in results]
     smallest = {k: min(m[k] for m in all_m) for k in all_m[0]}
     smallest["val_lower_end_over_start"] = max(m["val_lower_end_over_start"] for m in all_m)

@@ -55,12 +55,14 @@ def test_in_process_and_ray_data_generation_agree_pair_by_pair(tiny, ray_session
 
 def test_report_holds_exactly_the_documented_keys(tiny, tmp_path):
     from catvton.eval import metrics as M
-    from catvton.eval.report import (GROUP_KEYS, HIGHER_IS_BETTER, METRICS, MODELS, PER_IMAGE, REPORT_KEYS, evaluate,
-                                     grey_canvases)
+    from catvton.eval.report import (GROUP_KEYS, HIGHER_IS_BETTER, METRICS, MODELS, PER_IMAGE, REPORT_KEYS,
+                                     TRANSFER_KEYS, evaluate, grey_canvases)
 
     cfg, lora, canvas, mask = tiny
-    samples = {"lower": {"canvas": canvas[:3], "mask": mask[:3], "pid": ["a", "a", "b"]},
-               "full": {"canvas": canvas[3:], "mask": mask[3:], "pid": ["c", "d"]}}
+    w = canvas.shape[2] // 2
+    region = mask[:, :, w:] > 0
+    samples = {"lower": {"canvas": canvas[:3], "mask": mask[:3], "garment_mask": region[:3], "pid": ["a", "a", "b"]},
+               "full": {"canvas": canvas[3:], "mask": mask[3:], "garment_mask": region[3:], "pid": ["c", "d"]}}
     report = evaluate(cfg, lora, samples, tmp_path, source="five random canvases")
     assert list(report) == list(REPORT_KEYS)
     assert set(HIGHER_IS_BETTER) == set(METRICS) and MODELS == ("base", "lora", "grey")
@@ -73,9 +75,14 @@ def test_report_holds_exactly_the_documented_keys(tiny, tmp_path):
         for model in MODELS:
             assert list(g[model]) == g["metrics"], (name, model)
         assert g["delta"] == {k: g["lora"][k] - g["base"][k] for k in g["metrics"]}
+        for model in ("base", "lora"):
+            t = g["transfer"][model]
+            assert list(t) == list(TRANSFER_KEYS)
+            assert t["margin_db"] == pytest.approx(t["own_masked_psnr"] - t["swapped_masked_psnr"])
+            assert t["own_masked_psnr"] == pytest.approx(g[model]["masked_psnr"]), "own garments: the scored run"
+            assert -1.0 <= t["colour_following"] <= 1.0
     lower = report["groups"]["lower"]
     assert (lower["pairs"], lower["pids"]) == (3, 2)
-    w = canvas.shape[2] // 2
     grey = grey_canvases(canvas[:3], mask[:3])[:, :, w:]
     assert lower["grey"]["masked_psnr"] == pytest.approx(float(M.masked_psnr(grey, canvas[:3, :, w:], mask[:3, :, w:]).mean()))
     # the files hold the same report
@@ -85,5 +92,6 @@ def test_report_holds_exactly_the_documented_keys(tiny, tmp_path):
     assert (tmp_path / "grid_lower.png").is_file() and (tmp_path / "grid_full.png").is_file()
     # documented where a user reads about releases
     release_doc = (ROOT / "docs" / "release.md").read_text()
-    for key in METRICS + REPORT_KEYS + GROUP_KEYS:
+    assert "| lower | margin_db |" in md and "| full | colour_following |" in md
+    for key in METRICS + REPORT_KEYS + GROUP_KEYS + TRANSFER_KEYS:
         assert f"`{key}`" in release_doc, key

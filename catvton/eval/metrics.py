@@ -99,3 +99,55 @@ def lpips(pred: np.ndarray, target: np.ndarray) -> float:
         raise MetricUnavailable(f"needs torchvision and the pretrained LPIPS weights ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0][:120]})") from e
     return float(metric(_nchw(pred).float(), _nchw(target).float()))
+
+
+# --------------------------------------------------------------------------------------------
+# Garment transfer: does the person wear *this* garment?
+# --------------------------------------------------------------------------------------------
+
+GARMENT_WHITE = 0.99
+"""A garment half's pixel with every channel at or above this is the cut-out's white ground
+(garment_cutout fills 255); garments themselves are at most 250 ("white", 0.98) before shading."""
+
+
+def swap_partners(pids: list[str]) -> np.ndarray:
+    """(N,) for each pair, the index of the pair whose garment it gets in the swapped run: half
+    the group further on (cyclic), moved on until the pid differs, so a garment is never swapped
+    for another photo of itself. Needs at least two pids."""
+    n = len(pids)
+    if len(set(pids)) < 2:
+        raise ValueError(f"a garment swap needs at least 2 pids in the group, got {sorted(set(pids))}")
+    out = np.empty(n, np.int64)
+    for i in range(n):
+        j = (i + max(1, n // 2)) % n
+        while pids[j] == pids[i]:
+            j = (j + 1) % n
+        out[i] = j
+    return out
+
+
+def garment_colours(garments: np.ndarray) -> np.ndarray:
+    """(N, 3) the mean colour of each garment half ``(N, H, W, 3)`` over its garment pixels (not
+    the white ground, :data:`GARMENT_WHITE`)."""
+    garment = garments.min(axis=-1) < GARMENT_WHITE
+    if not garment.any(axis=(1, 2)).all():
+        raise ValueError("a garment half is all white: no garment to measure")
+    return np.stack([g[m].mean(axis=0) for g, m in zip(garments, garment)])
+
+
+def region_colours(images: np.ndarray, regions: np.ndarray) -> np.ndarray:
+    """(N, 3) the mean colour of each ``(N, H, W, 3)`` image inside its ``(N, H, W)`` region."""
+    if not regions.any(axis=(1, 2)).all():
+        raise ValueError("an empty garment region: the person half shows no garment to measure")
+    return np.stack([img[r > 0].mean(axis=0) for img, r in zip(images, regions)])
+
+
+def colour_following(given: np.ndarray, generated: np.ndarray) -> float:
+    """How closely the generated garment's colour tracks the garment given, across pairs: the
+    Pearson correlation of ``given`` and ``generated`` ``(N, 3)`` colours, per RGB channel,
+    averaged over the channels (1: follows exactly; 0: unrelated, or the same colour whatever
+    was given; a channel that does not vary among the given garments is left out; NaN if none
+    varies)."""
+    rs = [float(np.corrcoef(given[:, c], generated[:, c])[0, 1]) if generated[:, c].std() > 1e-6 else 0.0
+          for c in range(3) if given[:, c].std() > 1e-6]
+    return float(np.mean(rs)) if rs else float("nan")

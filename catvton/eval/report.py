@@ -15,6 +15,17 @@ reference a model must beat. Every score is on the person half against the groun
 - ``lpips``, ``fid``, ``kid``: over the half, when their pretrained networks can be loaded; else
   they are listed under ``absent`` with the reason, never faked.
 
+Does the person wear *the garment given*? Each model also fills every canvas with another pair's
+garment on the garment half (:func:`~catvton.eval.metrics.swap_partners`: same group, another pid,
+the same seed), and ``transfer`` holds, for the base and the LoRA:
+
+- ``margin_db``: masked PSNR with the pair's own garment minus with the swapped one, both against
+  the pair's true photo. About 0 when the garment half is ignored (a blank or a wrong garment
+  would score the same); large when the result wears what it is given;
+- ``colour_following``: across the own and the swapped results, the correlation between the
+  given garment's mean colour and the generated mean colour inside the person's garment region
+  (``garment_mask``), averaged over RGB (:func:`~catvton.eval.metrics.colour_following`).
+
 Writes ``report.json`` (:data:`REPORT_KEYS`; each group :data:`GROUP_KEYS`), ``report.md`` (the
 table with deltas) and ``grid_<group>.png`` (garment | masked person | base | LoRA | ground truth).
 """
@@ -45,9 +56,12 @@ MODELS = ("base", "lora", "grey")
 REPORT_KEYS = ("base", "transformer_override", "lora", "source", "generation", "seed", "steps", "guidance",
                "groups", "absent", "higher_is_better")
 """The keys of ``report.json``."""
-GROUP_KEYS = ("pairs", "pids", "metrics", "base", "lora", "grey", "delta")
+GROUP_KEYS = ("pairs", "pids", "metrics", "base", "lora", "grey", "delta", "transfer")
 """The keys of each group of a report: ``metrics`` lists the metric keys computed (:data:`METRICS`
-less the absent ones); ``base``, ``lora``, ``grey`` map each to its mean; ``delta`` is LoRA - base."""
+less the absent ones); ``base``, ``lora``, ``grey`` map each to its mean; ``delta`` is LoRA - base;
+``transfer`` is ``{"base": TRANSFER_KEYS, "lora": TRANSFER_KEYS}`` (None for a group of one pid)."""
+TRANSFER_KEYS = ("margin_db", "colour_following", "own_masked_psnr", "swapped_masked_psnr")
+"""The garment-transfer scores of one model on one group (see the module docstring)."""
 GRID_ROWS = 6
 
 
@@ -85,11 +99,37 @@ def grey_canvases(canvas: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return grey
 
 
+def swapped_canvases(group: dict[str, Any]) -> np.ndarray:
+    """The group's canvases with each garment half replaced by its swap partner's (another pid);
+    a group of one pid is returned as it is (nothing to swap with)."""
+    canvas = group["canvas"]
+    if len(set(group["pid"])) < 2:
+        return canvas.copy()
+    w = canvas.shape[2] // 2
+    out = canvas.copy()
+    out[:, :, :w] = canvas[M.swap_partners(list(group["pid"])), :, :w]
+    return out
+
+
+def transfer_scores(group: dict[str, Any], own: np.ndarray, swapped: np.ndarray) -> dict[str, float]:
+    """:data:`TRANSFER_KEYS` of one model on one group, from its results with the pairs' own
+    garments (``own``) and with the swapped ones (``swapped``), both ``(N, H, 2W, 3)``."""
+    canvas, mask, region = group["canvas"], group["mask"], group["garment_mask"]
+    w = canvas.shape[2] // 2
+    gt, m = canvas[:, :, w:], mask[:, :, w:]
+    own_psnr = float(M.masked_psnr(own[:, :, w:], gt, m).mean())
+    swapped_psnr = float(M.masked_psnr(swapped[:, :, w:], gt, m).mean())
+    given = M.garment_colours(np.concatenate([canvas[:, :, :w], swapped_canvases(group)[:, :, :w]]))
+    worn = M.region_colours(np.concatenate([own[:, :, w:], swapped[:, :, w:]]), np.concatenate([region, region]))
+    return {"margin_db": own_psnr - swapped_psnr, "colour_following": M.colour_following(given, worn),
+            "own_masked_psnr": own_psnr, "swapped_masked_psnr": swapped_psnr}
+
+
 def evaluate(cfg: Config, lora_dir: str | Path, samples: dict[str, dict[str, Any]], out_dir: str | Path, *,
              ray_data: bool = False, actors: int = 1, batch_size: int = 8,
              extractor: torch.nn.Module | None = None, source: str = "") -> dict[str, Any]:
     """Generate with the base and with the LoRA on ``samples`` (``{group: {"canvas", "mask",
-    "pid"}}``, e.g. :func:`catvton.eval.samples.held_out_samples`), score them and the grey fill,
+    "garment_mask", "pid"}}``, e.g. :func:`catvton.eval.samples.held_out_samples`), score them and the grey fill,
     and write the report files into ``out_dir``. Returns the report (see the module docstring).
 
     ``cfg`` names concrete models (entry points resolve offline names first). ``ray_data``,
@@ -101,11 +141,14 @@ def evaluate(cfg: Config, lora_dir: str | Path, samples: dict[str, dict[str, Any
     canvas = np.concatenate([samples[g]["canvas"] for g in names])
     mask = np.concatenate([samples[g]["mask"] for g in names])
     seeds = [cfg.infer.seed + i for g in names for i in range(len(samples[g]["canvas"]))]
+    swapped = np.concatenate([swapped_canvases(samples[g]) for g in names])
+    n = len(canvas)
     how = dict(ray_data=ray_data, actors=actors, batch_size=batch_size)
-    # every group in one call per model: each model is loaded once
-    generated = {"base": generate(cfg, canvas, mask, seeds, lora=None, **how),
-                 "lora": generate(cfg, canvas, mask, seeds, lora=lora_dir, **how),
-                 "grey": grey_canvases(canvas, mask)}
+    # every group, own and swapped garments, in one call per model: each model is loaded once
+    both = {name: generate(cfg, np.concatenate([canvas, swapped]), np.concatenate([mask, mask]), seeds + seeds,
+                           lora=weights, **how) for name, weights in (("base", None), ("lora", lora_dir))}
+    generated = {"base": both["base"][:n], "lora": both["lora"][:n], "grey": grey_canvases(canvas, mask)}
+    generated_swapped = {"base": both["base"][n:], "lora": both["lora"][n:]}
     absent: dict[str, str] = {}
     groups: dict[str, Any] = {}
     start = 0
@@ -115,9 +158,11 @@ def evaluate(cfg: Config, lora_dir: str | Path, samples: dict[str, dict[str, Any
         results = {k: v[start:end] for k, v in generated.items()}
         scores = {k: score_group(results[k], s["canvas"], s["mask"], extractor, absent) for k in MODELS}
         keys = [k for k in METRICS if all(k in scores[model] for model in MODELS)]
+        transfer = None if len(set(s["pid"])) < 2 else {
+            model: transfer_scores(s, results[model], generated_swapped[model][start:end]) for model in ("base", "lora")}
         groups[g] = {"pairs": len(s["canvas"]), "pids": len(set(s["pid"])), "metrics": keys,
                      **{model: {k: scores[model][k] for k in keys} for model in MODELS},
-                     "delta": {k: scores["lora"][k] - scores["base"][k] for k in keys}}
+                     "delta": {k: scores["lora"][k] - scores["base"][k] for k in keys}, "transfer": transfer}
         rows = slice(0, GRID_ROWS)
         grid_image(s["canvas"][rows], s["mask"][rows], {"base": results["base"][rows], "LoRA": results["lora"][rows]}
                    ).save(out / f"grid_{g}.png")
@@ -136,6 +181,11 @@ METRIC_NOTE = ("Scores on the person half against the ground truth: `masked_*` i
                "over the whole half; lower is better for `lpips`, `fid`, `kid`.")
 
 
+TRANSFER_NOTE = ("Garment transfer: `margin_db` is the masked PSNR with the pair's own garment minus with another "
+                 "item's garment on the garment half (about 0 when the garment is ignored); `colour_following` "
+                 "correlates the given garment's colour with the colour generated on the person (1: follows it).")
+
+
 def evaluation_table(report: dict[str, Any]) -> str:
     """Markdown: one line per group and metric, base vs LoRA with the delta and the grey-fill
     reference; then what each metric family means and the metrics not computed, with why."""
@@ -149,6 +199,13 @@ def evaluation_table(report: dict[str, Any]) -> str:
             rows.append(f"| {group} ({g['pairs']} pairs) | {metric} | {b:.4f} | {lo:.4f} | {lo - b:+.4f} | "
                         f"{'-' if grey is None else f'{grey:.4f}'} |")
     rows += ["", METRIC_NOTE]
+    transfer = [(group, g["transfer"]) for group, g in report.get("groups", {}).items() if g.get("transfer")]
+    if transfer:
+        rows += ["", "| group | garment transfer | base | LoRA |", "|---|---|---|---|"]
+        for group, t in transfer:
+            rows += [f"| {group} | {key} | {t['base'][key]:.3f} | {t['lora'][key]:.3f} |"
+                     for key in ("margin_db", "colour_following")]
+        rows += ["", TRANSFER_NOTE]
     absent = report.get("absent", {})
     if absent:
         rows.append("")

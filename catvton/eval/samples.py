@@ -37,14 +37,16 @@ def split_rows(cfg: Config, split: str) -> Iterator[tuple[dict[str, Any], RowChe
 def held_out_samples(cfg: Config, split: str = "test", groups: tuple[str, ...] = GROUPS,
                      max_per_group: int | None = None) -> dict[str, dict[str, Any]]:
     """Canvases of every ``split`` pair per group: ``{group: {"canvas": (N,H,2W,3) float32,
-    "mask": (N,H,2W) float32, "pid": [...]}}``, in a fixed order (group, pid, person pose)."""
+    "mask": (N,H,2W) float32, "garment_mask": (N,H,W) bool, "pid": [...]}}``, in a fixed order
+    (group, pid, person pose). ``garment_mask``: the dataset's mask of the garment on the person
+    half (where the try-on must show the garment given), inside the general ``mask``."""
     rows, pixels = [], []
     for row, check, photo, mask in split_rows(cfg, split):
         rows.append({"pid": row["pid"], "pose": row["pose"], "cloth_type": row["cloth_type"],
                      "valid": check.valid, "group": check.group, "view": check.view})
         pixels.append((photo, mask))
     pairs, _ = make_pairs(rows, cfg.data)
-    out: dict[str, dict[str, list]] = defaultdict(lambda: {"canvas": [], "mask": [], "pid": []})
+    out: dict[str, dict[str, list]] = defaultdict(lambda: {"canvas": [], "mask": [], "garment_mask": [], "pid": []})
     for p in sorted(pairs, key=lambda p: (p.group, p.pid, p.person_pose)):
         if p.group not in groups:
             continue
@@ -55,6 +57,8 @@ def held_out_samples(cfg: Config, split: str = "test", groups: tuple[str, ...] =
         s = build_sample(gp, gm, pp, pm, p.group, cfg.canvas, cfg.mask)
         bucket["canvas"].append(s.canvas)
         bucket["mask"].append(s.mask_canvas)
+        bucket["garment_mask"].append(s.person_mask)
         bucket["pid"].append(p.pid)
-    return {g: {"canvas": np.stack(b["canvas"]), "mask": np.stack(b["mask"]), "pid": b["pid"]}
+    return {g: {"canvas": np.stack(b["canvas"]), "mask": np.stack(b["mask"]),
+                "garment_mask": np.stack(b["garment_mask"]), "pid": b["pid"]}
             for g, b in out.items() if b["pid"]}
