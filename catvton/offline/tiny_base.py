@@ -22,7 +22,7 @@ The components, scaled down from FLUX.1-Fill-dev but wired the same way:
   characters plus the words of the CatVTON-Flux prompt.
 - scheduler: ``FlowMatchEulerDiscreteScheduler`` with FLUX.1-Fill-dev's config.
 
-Build it (about 3 CPU minutes, mostly VAE training) or find the cached one::
+Build it (about 6 CPU minutes, mostly VAE training) or find the cached one::
 
     python -m catvton.offline.tiny_base --out /tmp/tiny-base        # build into a folder
     python -c "from catvton.offline.tiny_base import ensure_tiny_base; print(ensure_tiny_base())"
@@ -44,8 +44,8 @@ import torch
 from catvton import artifacts
 from catvton.artifacts import TINY_BASE_INFO
 from catvton.offline.tiny_text import build_text_encoders
-from catvton.offline.tiny_vae import (CUTOUT_SIZE, MAX_EVAL_IMAGES, PHOTO_SIZE, SYNTHETIC_IMAGE_SIZE, latent_statistics,
-                                      new_vae, reconstruction_psnr, train_vae, vae_image_sets)
+from catvton.offline.tiny_vae import (CUTOUT_SIZE, MAX_EVAL_IMAGES, PHOTO_SIZE, SYNTHETIC_IMAGE_SIZE, VAE_STEPS,
+                                      latent_statistics, new_vae, reconstruction_psnr, train_vae, vae_image_sets)
 
 TINY_BASE_VERSION = "tiny-flux-fill-v1"
 """Bump when anything below changes what is built: it is part of the cache folder's hash."""
@@ -53,7 +53,7 @@ TINY_BASE_VERSION = "tiny-flux-fill-v1"
 BUILD_THREADS = 2
 """Torch threads of every build, whatever the caller uses: the weights depend on the thread count
 (measured: 1 and 2 threads give other VAE weights), so it is fixed, not inherited. 2 keeps the
-build at ~4 minutes on the 2-core machines this project targets."""
+build at ~6 minutes on the 2-core machines this project targets."""
 
 # Transformer: FLUX Fill wiring at 64 wide. axes_dims_rope must sum to attention_head_dim.
 TRANSFORMER_KWARGS: dict[str, Any] = dict(
@@ -107,7 +107,7 @@ def _param_count(module) -> int:
 def build_tiny_base(
     out_dir: Path,
     seed: int = 0,
-    vae_steps: int = 800,
+    vae_steps: int = VAE_STEPS,
     synthetic_pids: int = 120,
     log: Callable[[str], None] = print,
 ) -> dict:
@@ -117,7 +117,7 @@ def build_tiny_base(
     (build parameters, parameter counts, the trained and the random VAE's held-out PSNR, the latent
     shift/scale, timings), and returns that dict. Deterministic from ``seed`` whatever process
     calls it: the build runs on :data:`BUILD_THREADS` torch threads (a float sum over another
-    thread count rounds differently, and 800 VAE steps amplify that into other weights); the
+    thread count rounds differently, and thousands of VAE steps amplify that into other weights); the
     caller's thread count and global torch RNG state are left as they were.
     """
     out_dir = Path(out_dir)
@@ -213,7 +213,7 @@ def builder_source_hash() -> str:
                                    for name in BUILDER_MODULES})
 
 
-def tiny_base_key(seed: int = 0, vae_steps: int = 800, synthetic_pids: int = 120) -> str:
+def tiny_base_key(seed: int = 0, vae_steps: int = VAE_STEPS, synthetic_pids: int = 120) -> str:
     """Cache folder name: ``tiny-base-<hash>`` of everything that decides the weights: the build
     parameters, :data:`BUILD_THREADS`, the builder's source and the version. Not the caller's
     thread count: the build does not depend on it."""
@@ -238,7 +238,7 @@ def ensure_tiny_base(
     seed: int = 0,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """The cached tiny base folder, built on first use (about 3 CPU minutes), through
+    """The cached tiny base folder, built on first use (about 6 CPU minutes), through
     :func:`catvton.artifacts.build_once` (temporary folder, rename, a lock for concurrent callers)."""
     root = Path(cache_root).expanduser() if cache_root is not None else artifacts.cache_root()
     final = root / tiny_base_key(seed)
@@ -278,8 +278,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument(
         "--vae-steps",
         type=int,
-        default=800,
-        help="VAE training steps (800: ~20 dB held-out PSNR in a few CPU minutes; with --out only)",
+        default=VAE_STEPS,
+        help=f"VAE training steps ({VAE_STEPS}: ~24 dB held-out PSNR in ~5 CPU minutes; with --out only)",
     )
     parser.add_argument(
         "--synthetic-pids",
@@ -290,7 +290,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     args = parser.parse_args(list(argv) if argv is not None else None)
 
     if args.out is None:
-        if (args.vae_steps, args.synthetic_pids) != (800, 120):
+        if (args.vae_steps, args.synthetic_pids) != (VAE_STEPS, 120):
             parser.error(
                 "--vae-steps / --synthetic-pids other than the defaults need --out "
                 "(the cache holds the defaults)"
