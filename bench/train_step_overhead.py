@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     _, history = train_plain(cfg, cache, args.steps, progress=False)
     plain = statistics.median(h["sec_per_step"] for h in history[args.warmup:])
 
-    outcome = fit(cfg, cache, log_every=5)  # as the job runs: a report (a sync) every 5 steps
+    outcome = fit(cfg, cache)  # as the job runs: a report (a sync) every LOG_EVERY steps, its cost included
     # each reported figure is the mean of the steps since the previous report (val/checkpoint
     # steps are left out: they do extra work)
     ray_steps = [h["sec_per_step"] for h in loss_history(outcome.checkpoint_dir)

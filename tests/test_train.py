@@ -126,7 +126,7 @@ def test_a_worker_failure_is_survived_and_a_rerun_resumes(tmp_path, small_cache)
     cfg = small_cfg(tmp_path, "train.max_steps=12", "train.checkpoint_every=4", "train.val_every=4",
                     "train.val_batches=1", "train.max_failures=2", "run.name=faulty")
     train_hooks.by_value()
-    outcome = fit(cfg, small_cache, worker_hooks=train_hooks.FailOnce(step=6))
+    outcome = fit(cfg, small_cache, log_every=5, worker_hooks=train_hooks.FailOnce(step=6))
     assert (outcome.run_dir / train_hooks.FAULT_MARKER).is_file(), "the failure really happened"
     assert outcome.metrics["step"] == 12
     state = artifacts.load_training_state(outcome.checkpoint_dir)
@@ -167,7 +167,7 @@ def test_a_rerun_with_another_schedule_is_refused_or_continues_never_passed_off(
         fit(small_cfg(tmp_path, "train.max_steps=2", *common), small_cache)
     assert (first.weights_dir / artifacts.LORA_WEIGHTS).read_bytes() == exported, "nothing exported"
 
-    longer = fit(small_cfg(tmp_path, "train.max_steps=6", *common), small_cache)
+    longer = fit(small_cfg(tmp_path, "train.max_steps=6", *common), small_cache, log_every=5)
     assert longer.metrics["step"] == 6
     state = artifacts.load_training_state(longer.checkpoint_dir)
     assert (state["step"], state["total_steps"]) == (6, 6)

@@ -188,10 +188,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if do_val and rank == 0:
             metrics.update(fixed_val_loss(model, val_batches, text, cfg))
         if do_val or do_ckpt or step % config.get("log_every", 5) == 0:
-            # mean wall time of the steps since the last report, report cost included
-            metrics["sec_per_step"] = (time.perf_counter() - t0) / steps_since
+            # mean wall time of the steps since the last report, that report's cost included
+            now = time.perf_counter()
+            metrics["sec_per_step"] = (now - t0) / steps_since
+            t0, steps_since = now, 0
             report(metrics, with_checkpoint=do_ckpt)
-            t0, steps_since = time.perf_counter(), 0
     if rank == 0:
         plot_loss_curve(history, run_dir / "loss_curve.png", title=f"{cfg.run.name}: flow-matching loss")
     tracker.close()
