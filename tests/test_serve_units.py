@@ -15,7 +15,7 @@ from PIL import Image
 from serve_helpers import png, png_header_only
 
 from catvton.config import ConfigError, load_config
-from catvton.data.canvas import build_sample, to_uint8
+from catvton.data.canvas import build_sample, fit_box, to_uint8
 from catvton.data.masks import general_mask
 from catvton.infer.request import (ImageLimits, InputError, decode_image, decode_mask, parse_size, request_sample,
                                    to_person_size)
@@ -91,7 +91,13 @@ def test_request_canvas_is_the_training_canvas_and_comes_back_at_the_person_size
     assert out.shape == person.shape and out.dtype == np.uint8
     general = general_mask(mask, "lower", cfg.mask)
     assert np.array_equal(out[~general], person[~general]), "outside the general mask: the upload, untouched"
-    assert np.abs(out[general].astype(int) - 64).max() <= 1, "inside: the generated pixels, scaled back"
+    # the photo's window that the canvas showed (all of it with person_fit pad; cropped rows with crop)
+    top, left, win_h, win_w = fit_box(person.shape[:2], half, cfg.canvas.person_fit)
+    shown = np.zeros(person.shape[:2], bool)
+    shown[max(0, top):top + win_h, max(0, left):left + win_w] = True
+    assert (general & shown).any()
+    assert np.abs(out[general & shown].astype(int) - 64).max() <= 1, "inside: the generated pixels, scaled back"
+    assert np.array_equal(out[general & ~shown], person[general & ~shown]), "never generated: the upload"
 
 
 def test_to_person_size_is_exact_when_the_photo_has_the_half_size():

@@ -82,7 +82,8 @@ def test_saved_lora_loads_into_plain_diffusers_and_reproduces_the_model(tmp_path
         cfg.model.prompt, prompt_2=None, max_sequence_length=cfg.model.max_sequence_length)[:2], cfg
     ).fill_canvases(canvas, mask, steps=2)
     assert np.abs(a - b).max() < 1e-5, np.abs(a - b).max()  # float32 rounding only
-    assert np.array_equal(to_uint8(a), to_uint8(b)), "the same 8-bit image"
+    # the same 8-bit image, but for a value that float rounding puts across a rounding boundary
+    assert np.abs(to_uint8(a).astype(int) - to_uint8(b).astype(int)).max() <= 1, "the same 8-bit image"
     # and the LoRA changes the output: it is not silently dropped
     pipe.unload_lora_weights()
     c = TryOn(pipe, *pipe.encode_prompt(cfg.model.prompt, prompt_2=None,
