@@ -8,9 +8,10 @@
 
 ``setup`` validates every row in parallel with Ray Data and writes a readiness report:
 ``dataset_report.json``, ``dataset_report.md`` and ``samples_<group>.png`` grids. ``test`` prints
-the memory/FLOP plan, refuses a config that cannot fit the named GPU, runs the same Ray job for
-a few steps and writes a loss curve, a memory report and the problems it found. ``full`` runs
-the whole job.
+the memory/FLOP plan of the transformer the config trains (the tiny model's own on the CPU
+preset), refuses a GPU run that cannot fit the named GPU, runs the same Ray job for a few steps
+and writes a loss curve, a memory report and the problems it found. ``full`` prints the same plan
+and runs the whole job.
 """
 
 from __future__ import annotations
@@ -86,22 +87,32 @@ def setup(
 
 
 def _plan_or_refuse(cfg, gpu: str) -> None:
-    """The memory plan of a GPU run, refused before training when it cannot fit. A CPU run
-    (``train.use_gpu: false``, the offline default) trains the tiny model: the FLUX plan says
-    nothing about it, so it is not checked (issue 11 makes the plan follow the model that runs)."""
+    """The memory plan of the transformer this run trains, printed before training: the model the
+    config names, resolved as the job resolves it (the offline tiny model is found or built, and
+    its own ``config.json`` planned), on the device the run uses (one ``gpu`` a worker, or this
+    machine's RAM on CPU). A GPU run that cannot fit is refused (exit code 2); a CPU run over the
+    RAM is only warned about (the workers of a CPU cluster may have other RAM)."""
+    from catvton.model.loading import BaseModelError
+    from catvton.offline import resolve
     from catvton.train.planner import plan_from_config
 
-    if not cfg.train.use_gpu:
-        typer.echo("memory plan: not checked (train.use_gpu is false: this run trains on CPU; "
-                   f"plan a GPU run with --config configs/l40s.yaml --gpu {gpu})")
-        return
-    p = plan_from_config(cfg, gpu=gpu)
-    typer.echo("predicted for FLUX.1-Fill-dev at this config's canvas and batch:")
-    typer.echo(str(p))
-    if not p.fits:
-        typer.echo(f"error: this config needs about {p.peak_bytes / 1e9:.1f} GB on one {gpu}; "
-                   "lower train.batch_size, turn on train.gradient_checkpointing, or use a smaller canvas", err=True)
+    try:
+        p = plan_from_config(resolve(cfg, log=typer.echo), gpu=gpu)
+    except BaseModelError as e:  # a missing folder: the job would fail on it after the data work
+        typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
+    where = f"one {gpu}" if cfg.train.use_gpu else "CPU"
+    typer.echo(f"predicted for {p.model}, the transformer this run trains, at this config's canvas and batch on {where}:")
+    typer.echo(str(p))
+    if p.fits:
+        return
+    if not cfg.train.use_gpu:
+        typer.echo(f"warning: {p.num_workers} worker(s) x {p.peak_bytes / 1e9:.1f} GB is more than this machine's "
+                   f"{p.memory_bytes / 1e9:.1f} GB of RAM: expect swapping, or lower train.batch_size", err=True)
+        return
+    typer.echo(f"error: this config needs about {p.peak_bytes / 1e9:.1f} GB on one {gpu}; "
+               "lower train.batch_size, turn on train.gradient_checkpointing, or use a smaller canvas", err=True)
+    raise typer.Exit(2)
 
 
 def _train(cfg):
@@ -211,6 +222,7 @@ def full(
     hub_dry_run: Annotated[bool, typer.Option("--hub-dry-run", help="With --push-to-hub: write the upload folder (<run>/hub-upload) but upload nothing.")] = False,
     allow_synthetic: Annotated[bool, typer.Option("--allow-synthetic", help="With --push-to-hub: upload a LoRA trained on the synthetic rows (data.source: synthetic, the offline default), a rehearsal rather than a try-on model.")] = False,
     eval_pairs: Annotated[int, typer.Option(help="Test pairs per garment group scored for the model card (0: all).")] = 64,
+    gpu: Annotated[str, typer.Option(help="GPU the memory plan is checked against: L40S, H100 or H200.")] = "L40S",
     config: ConfigOpt = DEFAULT_CONFIG,
     set_: SetOpt = None,
 ) -> None:
@@ -225,6 +237,7 @@ def full(
     cfg = _load(config, list(set_ or []) + [f"train.epochs={epochs}", "train.max_steps=0"])
     if push_to_hub:
         _check_push(cfg, hub_model_id, hub_dry_run, allow_synthetic)
+    _plan_or_refuse(cfg, gpu)
     init_ray()
     outcome = _train(cfg)
     typer.echo("\n".join(summary_lines(outcome)))

@@ -3,9 +3,10 @@ command line runs), on the default preset with the model it names (tiny base + t
 small data set. The data overrides are those of ``tests/test_default_job.py``, so the alpha and
 the latent cache are built once for both modules.
 
-``easy_train.py test`` checks a GPU run's memory plan before training and refuses one that cannot
-fit; on the CPU preset it says the plan is not checked (it once refused the README's command with
-"needs about 62.2 GB on one L40S": the FLUX plan at the tiny batch).
+``easy_train.py test`` and ``full`` print the memory plan of the transformer the run trains before
+training, and refuse a GPU run that cannot fit. On the CPU preset that is the tiny model's own
+plan (it once refused the README's command with "needs about 62.2 GB on one L40S": the FLUX plan
+at the tiny batch; then it said "not checked"), with the parameter count of the model the job loads.
 """
 
 from __future__ import annotations
@@ -54,9 +55,41 @@ def test_a_gpu_run_that_cannot_fit_is_refused_before_training(tmp_path):
     result = invoke("test", "--config", str(ROOT / "configs" / "l40s.yaml"), "--set", "train.gradient_checkpointing=false",
                     "--set", f"run.output_dir={tmp_path / 'out'}")
     assert result.exit_code == 2, result.output
-    assert "predicted for FLUX.1-Fill-dev" in result.output and "on one L40S" in result.output
+    assert "predicted for FLUX.1-Fill-dev, the transformer this run trains" in result.output
+    assert "11,902,391,360 total, 65,372,160 trainable" in result.output and "on one L40S" in result.output
     assert "turn on train.gradient_checkpointing" in result.output
     assert not (tmp_path / "out").exists(), "nothing ran"
+
+
+def test_easy_train_test_prints_the_plan_of_the_tiny_model_it_trains(ray_session, tmp_path, monkeypatch):
+    """The default preset (tiny base + tiny-alpha, CPU, fp32): the plan names the alpha's folder,
+    counts the parameters of the transformer the job loads from it, and comes before training."""
+    import easy_train
+    import typer
+
+    from catvton.model.loading import load_transformer
+    from catvton.offline import resolve
+
+    trained = []
+
+    def stop_before_training(cfg):
+        trained.append(resolve(cfg, log=lambda _: None))  # the job's own resolution
+        raise typer.Exit(3)
+
+    monkeypatch.setattr(easy_train, "_train", stop_before_training)
+    result = invoke("test", "--steps", "6", *sets(tmp_path))
+    assert result.exit_code == 3, result.output
+    (cfg,) = trained
+    alpha = Path(cfg.model.transformer_override)
+    assert alpha.name.startswith("tiny-alpha-")
+    n = sum(p.numel() for p in load_transformer(cfg.model.base, str(alpha)).parameters())
+    out = result.output
+    assert (f"predicted for {alpha.name}, the transformer this run trains, at this config's canvas and batch "
+            "on CPU:") in out
+    assert f"plan: {alpha.name}, lora r={cfg.lora.rank} {cfg.lora.targets}, canvas 2 x 96x128, batch 8" in out
+    assert "CPU fp32, 1 worker(s)" in out and f"(config: {alpha / 'config.json'})" in out
+    assert f" {n:,} total, " in out and "11,902,391,360" not in out and "FLUX.1-Fill-dev" not in out
+    assert "160 (96 image + 64 text)" in out and "RAM (this machine): fits" in out
 
 
 def test_easy_train_test_is_a_proof_run_with_a_report(ray_session, tmp_path):
@@ -66,7 +99,7 @@ def test_easy_train_test_is_a_proof_run_with_a_report(ray_session, tmp_path):
     run_dir = tmp_path / "out" / "tiny-lora-test"
     assert result.exit_code == 0, result.output
     out = result.output
-    assert "memory plan: not checked (train.use_gpu is false" in out and "predicted for FLUX" not in out
+    assert "predicted for tiny-alpha-" in out and "on CPU:" in out and "predicted for FLUX" not in out
     assert "problems found: none" in out and f"report: {run_dir / 'test_report.json'}" in out
     assert "(no GPU)" in out
 
@@ -103,6 +136,7 @@ def test_easy_train_full_trains_one_epoch_then_resumes_and_writes_the_upload_fol
 
     first = invoke("full", "--epochs", "1", *sets(tmp_path))
     assert first.exit_code == 0, first.output
+    assert "predicted for tiny-alpha-" in first.output and "CPU fp32" in first.output, "the plan, before training"
     training = json.loads((run_dir / "lora" / artifacts.TRAINING_CONFIG).read_text())
     cfg = load_config(ROOT / "configs" / "tiny.yaml", DATA)
     assert (training["train"]["epochs"], training["train"]["max_steps"]) == (1, 0)

@@ -1,18 +1,22 @@
-"""The memory/FLOP planner against the measured and published full-size figures (FACTS.md)."""
+"""The memory/FLOP planner against the measured and published full-size figures (FACTS.md), and
+against the tiny model it plans for the offline preset (the model the job loads, what its forward saves)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from catvton.config import Config
+from catvton.config import Config, load_config
 from catvton.train import planner
 from catvton.train.planner import GB, TFLOP, plan, plan_from_config
 
 torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +125,95 @@ def test_cli(capsys):
     out = subprocess.run([sys.executable, "-m", "catvton.train.planner", "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "--no-checkpointing" in out and "--half" in out
+
+
+# The plan follows the model the config names (issue 11): the tiny preset is planned as the tiny
+# transformer the job loads, not as FLUX.1-Fill-dev at the tiny canvas.
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny preset on its base's own transformer (resolved: the tiny base, built once into the
+    cache; the alpha, a fine-tune of the same architecture, is planned in tests/test_easy_train.py)."""
+    from conftest import tiny_config
+
+    cfg = tiny_config("model.transformer_override=null")
+    return cfg, plan_from_config(cfg)
+
+
+def test_the_tiny_preset_is_planned_as_the_tiny_transformer_the_job_loads(tiny):
+    from catvton.model.loading import load_transformer
+    from catvton.train import engine
+
+    cfg, p = tiny
+    loaded = load_transformer(cfg.model.base, cfg.model.transformer_override)
+    assert p.params_total == sum(q.numel() for q in loaded.parameters()) < 11_902_391_360
+    trained = engine.build_transformer(cfg, torch.device("cpu"), torch.float32)
+    assert p.params_trainable == sum(q.numel() for q in engine.trainable_parameters(trained))
+    assert p.model == f"{Path(cfg.model.base).name}/transformer" and p.model.startswith("tiny-base-")
+    assert p.model_source == str(Path(cfg.model.base) / "transformer" / "config.json")
+    blocks = (len(loaded.transformer_blocks), len(loaded.single_transformer_blocks), loaded.inner_dim)
+    assert p.architecture == "{} double + {} single blocks, {} wide".format(*blocks)
+    # its canvas and prompt: 2 x 96x128 -> 8 x 12 packed image tokens, 64 T5 tokens (configs/tiny.yaml)
+    half_w, half_h = cfg.canvas.half_width, cfg.canvas.half_height
+    assert (p.image_tokens, p.text_tokens) == ((half_h // 16) * (2 * half_w // 16), cfg.model.max_sequence_length)
+    # a CPU run at fp32: this machine's RAM, no CUDA context, no floor time
+    assert (p.gpu, p.precision, p.num_workers) == ("CPU", "fp32", cfg.train.num_workers)
+    assert p.weights_bytes == 4 * p.params_total and p.context_bytes == 0 and p.seconds_per_sample is None
+    assert p.memory_bytes == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") and p.fits
+    text = p.to_table()
+    for s in (f"plan: {p.model}, lora r={cfg.lora.rank}", "CPU fp32", p.architecture, f"{p.params_total:,} total",
+              f"{p.params_trainable:,} trainable", "RAM (this machine): fits", "not estimated"):
+        assert s in text, (s, text)
+    assert "FLUX.1-Fill-dev" not in text and "TFLOP/s" not in text
+
+
+def test_the_tiny_plans_activations_are_what_its_training_forward_saves(tiny):
+    """The FLUX per-token figures scaled to the tiny width (and fp32), against the bytes of every
+    tensor autograd saves in one real training forward (``engine.fill_loss``) of the preset's batch."""
+    from catvton.train import engine
+
+    cfg, p = tiny
+    model = engine.build_transformer(cfg, torch.device("cpu"), torch.float32)
+    weights = {q.data_ptr() for q in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.data_ptr() not in weights:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    g = torch.Generator().manual_seed(0)
+    b, h, w = cfg.train.batch_size, cfg.canvas.half_height // 8, 2 * cfg.canvas.half_width // 8
+    batch = {"target": torch.randn(b, 16, h, w, generator=g), "masked": torch.randn(b, 16, h, w, generator=g),
+             "mask": (torch.rand(b, 1, 8 * h, 8 * w, generator=g) > 0.5).float()}
+    embeds = {"prompt_embeds": torch.randn(1, p.text_tokens, 32, generator=g),
+              "pooled_prompt_embeds": torch.randn(1, 32, generator=g)}
+    text = engine.TextContext(embeds, (h, w), torch.device("cpu"), torch.float32)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        engine.fill_loss(model, batch, text, cfg, g)
+    saved = sum(storages.values())
+    assert not cfg.train.gradient_checkpointing and p.activations_bytes == p.activations_no_ckpt_bytes
+    assert 0.8 < p.activations_bytes / saved < 1.25, (p.activations_bytes, saved)
+
+
+def test_an_unresolved_offline_name_is_refused_with_what_to_do(capsys):
+    """The planner cannot import catvton.offline (a library contract): it says to resolve first."""
+    from catvton.model.loading import BaseModelError
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml")
+    with pytest.raises(BaseModelError, match=r"base='tiny' .* catvton\.offline\.resolve"):
+        plan_from_config(cfg)
+    with pytest.raises(SystemExit) as e:
+        planner.main(["--config", str(ROOT / "configs" / "tiny.yaml")])
+    assert e.value.code == 2 and "python easy_train.py test" in capsys.readouterr().err
+
+
+def test_the_production_preset_is_still_planned_as_flux_fill_dev():
+    """configs/l40s.yaml names hub ids (FLUX.1-Fill-dev + the CatVTON-Flux alpha): planned with the
+    built-in full-size config, nothing fetched."""
+    p = plan_from_config(load_config(ROOT / "configs" / "l40s.yaml"), "L40S")
+    assert p.model == "FLUX.1-Fill-dev" and p.params_total == 11_902_391_360 and p.params_trainable == 65_372_160
+    assert "xiaozaa/catvton-flux-alpha planned with it, not fetched" in p.model_source
+    assert (p.tokens_per_sample, p.precision, p.gpu, p.context_bytes) == (6_656, "bf16", "L40S", 3 * GB)
+    assert p.fits and "plan: FLUX.1-Fill-dev, lora r=16 attention+ff" in p.to_table()
