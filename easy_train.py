@@ -47,15 +47,16 @@ def _load(config: Path, overrides: list[str]):
 @app.command()
 def setup(
     data: Annotated[Optional[str], typer.Option(help="Rows to check: 'synthetic', a hub dataset id (SaffalPoosh/deepFashion-with-masks) or a folder with data/train-*.parquet. Default: the config's data.source.")] = None,
-    out: Annotated[Path, typer.Option(help="Folder for dataset_report.json / .md and samples_<group>.png.")] = Path("outputs/setup"),
+    out: Annotated[Path, typer.Option(help="Folder for dataset_report.json / .md, samples_<group>.png and the mask_placement.png / mask_suspicious.png grids.")] = Path("outputs/setup"),
     config: ConfigOpt = DEFAULT_CONFIG,
     set_: SetOpt = None,
     num_actors: Annotated[int, typer.Option(help="Validation actors (each takes one CPU).")] = max(1, (os.cpu_count() or 2) - 0),
 ) -> None:
-    """Validate the dataset and write a readiness report (exit code 1 when it is not ready)."""
+    """Validate the dataset and write a readiness report (exit code 1 when it is not ready, 2 when
+    the source cannot be read: the hub unreachable, a shard missing or unreadable)."""
     from catvton.data.report import write_report
     from catvton.data.scan import scan
-    from catvton.data.source import check_columns, resolve_source
+    from catvton.data.source import SourceError, check_files, resolve_source
     from catvton.offline import resolve
     from catvton.ray_utils import init_ray
 
@@ -65,23 +66,25 @@ def setup(
     cfg = _load(config, overrides)
     typer.echo(f"data source: {cfg.data.source}")
     cfg = resolve(cfg, models=False)  # the synthetic set, built once when asked for
-    source = resolve_source(cfg.data)
-    missing = check_columns(source)
-    if missing:
-        typer.echo(f"error: {source.files[0]} lacks the columns {missing} of the DeepFashion-with-masks schema", err=True)
+    try:  # the hub unreachable, a shard missing or unreadable: a short message, not a traceback
+        source = resolve_source(cfg.data)
+        n_rows = sum(check_files(source).values())
+    except SourceError as e:
+        typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
-    typer.echo(f"{len(source.files)} parquet file(s); validating every row with Ray Data ...")
+    typer.echo(f"{len(source.files)} parquet file(s), {n_rows} rows; validating every row with Ray Data ...")
     init_ray()
     rows = scan(source, cfg, num_actors=num_actors)
     report = write_report(out, rows, cfg, source.name)
     typer.echo("")
     typer.echo(f"rows: {report['rows_valid']} valid of {report['rows_total']}; bad: {json.dumps(report['bad_rows'])}")
     typer.echo(f"pairs (train/val/test x upper/lower/full): {json.dumps(report['pairs'])}")
+    typer.echo("masks look like: " + ", ".join(f"{g} {k['kind']}" for g, k in report["mask_kinds"].items()))
     typer.echo(f"ready: {report['ready']}")
     for r in report["reasons"]:
         typer.echo(f"  - {r}")
     typer.echo(f"wrote {out / 'dataset_report.json'}, {out / 'dataset_report.md'}, "
-               + ", ".join(str(out / g) for g in report["sample_grids"]))
+               + ", ".join(str(out / g) for g in report["sample_grids"] + report["mask_grids"]))
     if not report["ready"]:
         raise typer.Exit(1)
 

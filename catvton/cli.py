@@ -1,13 +1,17 @@
 """What every Ray job entry point shares: ``--config`` / ``--set`` and loading them, so that a
-bad value is reported the same way (all problems at once, exit code 2) everywhere."""
+bad value is reported the same way (all problems at once, exit code 2) everywhere, and a data
+source that cannot be read (:func:`source_errors_exit`) as a short message with exit code 2."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from catvton.config import Config, ConfigError, load_config
+from catvton.data.source import SourceError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
@@ -28,4 +32,16 @@ def config_or_exit(path: str | Path | None, overrides: list[str]) -> Config:
         return load_config(path, overrides)
     except ConfigError as e:
         print(e, file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+@contextmanager
+def source_errors_exit() -> Iterator[None]:
+    """Run the block; a :class:`~catvton.data.source.SourceError` (the hub unreachable, a shard
+    missing or unreadable) prints its message, which says what to do, and exits with code 2
+    instead of a few hundred lines of HTTP-client traceback."""
+    try:
+        yield
+    except SourceError as e:
+        print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

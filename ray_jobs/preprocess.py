@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))  # a Ray job's working dir is the repo root, but s
 
 
 def main(argv: list[str] | None = None) -> int:
-    from catvton.cli import config_or_exit, job_parser
+    from catvton.cli import config_or_exit, job_parser, source_errors_exit
 
     p = job_parser(__doc__)
     p.add_argument("--encoders", type=int, default=1, help="VAE encoder actors (one GPU each with --gpu)")
@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     init_ray()
     cfg = resolve(cfg)  # offline names -> cached folders, built once
-    folder = build_latent_cache(cfg, num_encoders=args.encoders, use_gpu=args.gpu, batch_size=args.batch_size)
+    with source_errors_exit():  # no network, a missing or unreadable shard: a short message, exit code 2
+        folder = build_latent_cache(cfg, num_encoders=args.encoders, use_gpu=args.gpu, batch_size=args.batch_size)
     m = load_manifest(folder)
     print("\n== latent cache ==")
     print(f"folder:       {folder}")

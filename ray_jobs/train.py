@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))  # a Ray job's working dir is the repo root, but s
 
 
 def main(argv: list[str] | None = None) -> int:
-    from catvton.cli import config_or_exit, job_parser
+    from catvton.cli import config_or_exit, job_parser, source_errors_exit
 
     p = job_parser(__doc__)
     p.add_argument("--encoders", type=int, default=1, help="Ray Data VAE encoder actors for the latent cache")
@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     init_ray()
     cfg = resolve(cfg)  # offline names (tiny, tiny-alpha, synthetic) -> cached folders, built once
     try:
-        outcome = run_job(cfg, num_encoders=args.encoders)
+        with source_errors_exit():  # no network, a missing or unreadable shard: a short message, exit code 2
+            outcome = run_job(cfg, num_encoders=args.encoders)
     except ScheduleChanged as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,5 +1,6 @@
 """The dataset readiness report of ``easy_train.py setup``: counts, pairs, sizes, mask coverage,
-a storage estimate for the latent cache, a plain-language verdict, and sample grids.
+what the masks mark (:mod:`catvton.data.placement`), a storage estimate for the latent cache, a
+plain-language verdict, and sample grids.
 
 Everything here is pure over the validated row metadata (see :class:`RowValidator`), so a test
 can build a report from a handful of rows without Ray.
@@ -16,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from catvton.config import Config
+from catvton.data import placement
 from catvton.data.canvas import build_sample, fit_box, to_uint8
 from catvton.data.pairs import SPLITS, Pair, make_pairs
 from catvton.schema import GROUPS
@@ -68,6 +70,7 @@ def build_report(rows: Sequence[Mapping[str, Any]], cfg: Config, source_name: st
             split_pids[p.split].add(p.pid)
 
     sizes = Counter(f"{r['width']}x{r['height']}" for r in rows if r["width"] > 0)
+    where = placement.summarize_groups(rows, GROUPS)
     coverage = {g: _percentiles([r["mask_fraction"] for r in valid if r["group"] == g]) for g in GROUPS}
     n_selected = sum(sum(v.values()) for v in pair_counts.values())
     storage = n_selected * latent_sample_bytes(cfg.canvas.half_height, cfg.canvas.half_width) + text_embedding_bytes()
@@ -90,6 +93,8 @@ def build_report(rows: Sequence[Mapping[str, Any]], cfg: Config, source_name: st
         "image_sizes": dict(sizes.most_common()),
         "mask_coverage": coverage,
         "mask_levels": dict(sorted(Counter(str(r["mask_levels"]) for r in valid).items())),
+        "mask_placement": where,
+        "mask_kinds": {g: {"kind": k, "why": why} for g, (k, why) in placement.judge(where).items()},
         "canvas": {"half_width": cfg.canvas.half_width, "half_height": cfg.canvas.half_height,
                    "person_fit": cfg.canvas.person_fit},
         "storage_estimate_bytes": int(storage),
@@ -136,6 +141,15 @@ def verdict(report: Mapping[str, Any], cfg: Config) -> tuple[bool, list[str], li
         cov = report["mask_coverage"].get(g, {})
         if cov.get("n", 0) and cov["p50"] < 0.02:
             notes.append(f"group '{g}' masks are small (median {cov['p50']:.1%} of the image): check what they mark")
+    used = set(cfg.data.groups) | ({"upper"} if cfg.data.upper_share > 0 else set())
+    for g, k in report.get("mask_kinds", {}).items():
+        if k["kind"] in ("whole-person", "all-clothing"):
+            (blocking if g in used else notes).append(
+                f"group '{g}' masks look like {k['kind']} masks, not the one garment of their cloth_type: "
+                f"{k['why']}. Garment cut-outs and general masks would show and hide more than the garment "
+                "(see mask_suspicious.png); fix or replace the masks before training")
+        elif k["kind"] == "unknown" and g in used and report["by_group"].get(g):
+            notes.append(f"what group '{g}' masks mark was not judged: {k['why']}")
     multi = {k: v for k, v in report["mask_levels"].items() if k not in ("1", "2")}
     if multi:
         notes.append(f"{sum(multi.values())} masks are not plain binary (value counts {multi}); "
@@ -168,8 +182,12 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     for g, c in report["mask_coverage"].items():
         if c.get("n"):
             lines.append(f"| {g} | {c['n']} | {c['mean']:.3f} | {c['p5']:.3f} | {c['p50']:.3f} | {c['p95']:.3f} |")
-    lines += ["", "Mask area as a share of the photo, before generalising.", "",
-              "## Sizes", "", "| image size | rows |", "|---|---:|"]
+    lines += ["", "Mask area as a share of the photo, before generalising.", ""]
+    if "mask_placement" in report:
+        kinds = {g: (k["kind"], k["why"]) for g, k in report["mask_kinds"].items()}
+        lines += placement.markdown(report["mask_placement"], kinds)
+        lines += [f"![{g}]({g})" for g in report.get("mask_grids", [])] + [""]
+    lines += ["## Sizes", "", "| image size | rows |", "|---|---:|"]
     lines += [f"| {k} | {v} |" for k, v in report["image_sizes"].items()]
     lines += ["", f"Latent cache estimate: {report['storage_estimate_bytes'] / 1e9:.2f} GB "
               f"at {report['canvas']['half_width']}x{report['canvas']['half_height']} per half.", ""]
@@ -233,10 +251,70 @@ def pick_sample_pairs(rows: Sequence[Mapping[str, Any]], cfg: Config, per_group:
     return chosen
 
 
+def placement_grid(rows: Sequence[Mapping[str, Any]], title: str) -> Image.Image:
+    """One line per row: photo | its mask in red | what the placement measure saw (silhouette
+    grey, mask red, mid-height blue). ``rows`` carry ``image_bytes`` and ``mask_bytes``."""
+    lines = []
+    for r in rows:
+        photo, mask = to_rgb(decode(r["image_bytes"])), to_mask(decode(r["mask_bytes"]))
+        tinted = photo.copy()
+        tinted[mask] = photo[mask] // 2 + np.array([127, 0, 0], np.uint8)
+        seen = placement.picture(photo, mask)
+        tiles = [Image.fromarray(a) for a in (photo, tinted) + ((seen,) if seen is not None else ())]
+        h = min(THUMB_HEIGHT, photo.shape[0])
+        tiles = [t.resize((max(1, round(t.width * h / t.height)), h), Image.NEAREST) for t in tiles]
+        names = ["photo", "mask", "silhouette estimate"]
+        tiles = [_label(t, n) for t, n in zip(tiles, names)]
+        text = (f"{r['pid']} {r['pose']} {r['cloth_type']} ({r['group']}): top {r['mask_top']:.2f} "
+                f"bottom {r['mask_bottom']:.2f} upper {r['upper_cover']:.2f} lower {r['lower_cover']:.2f}")
+        width = max(sum(t.width + 4 for t in tiles), int(ImageDraw.Draw(tiles[0]).textlength(text)) + 4)
+        line = Image.new("RGB", (width, tiles[0].height), "white")
+        x = 0
+        for t in tiles:
+            line.paste(t, (x, 0))
+            x += t.width + 4
+        lines.append(_label(line, text))
+    grid = Image.new("RGB", (max([l.width for l in lines] + [400]), 16 + sum(l.height + 6 for l in lines)), "white")
+    ImageDraw.Draw(grid).text((2, 2), title, fill="black")
+    y = 16
+    for l in lines:
+        grid.paste(l, (0, y))
+        y += l.height + 6
+    return grid
+
+
+def pick_placement_rows(rows: Sequence[Mapping[str, Any]], kinds: Mapping[str, Mapping[str, str]],
+                        per_group: int = 4, typical_per_group: int = 2
+                        ) -> tuple[list[Mapping[str, Any]], list[Mapping[str, Any]]]:
+    """(the ``per_group`` most suspicious measured rows with pixels of each flagged group, the
+    ``typical_per_group`` of every group nearest its median mask top)."""
+    measured = [r for r in rows if r["valid"] and r.get("image_bytes") is not None and r.get("mask_top", -1) >= 0]
+    suspicious, typical = [], []
+    for g, k in kinds.items():
+        mine = [r for r in measured if r["group"] == g]
+        if not mine:
+            continue
+        if k["kind"] in ("whole-person", "all-clothing"):
+            suspicious += sorted(mine, key=lambda r: -placement.suspicion(r, k["kind"]))[:per_group]
+        mid = float(np.median([r["mask_top"] for r in mine]))
+        typical += sorted(mine, key=lambda r: (abs(r["mask_top"] - mid), r["pid"], r["pose"]))[:typical_per_group]
+    return suspicious, typical
+
+
 def write_report(out_dir: Path, rows: Sequence[Mapping[str, Any]], cfg: Config, source_name: str) -> dict[str, Any]:
-    """Write ``dataset_report.json``, ``dataset_report.md`` and ``samples_<group>.png``."""
+    """Write ``dataset_report.json``, ``dataset_report.md``, ``samples_<group>.png``,
+    ``mask_placement.png`` and, when masks look like more than the garment, ``mask_suspicious.png``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     report = build_report(rows, cfg, source_name)
+    suspicious, typical = pick_placement_rows(rows, report["mask_kinds"])
+    report["mask_grids"] = []
+    for name, picked, title in (
+            ("mask_suspicious.png", suspicious, "masks that look like more than the garment (most suspicious first)"),
+            ("mask_placement.png", typical, "typical masks per group (mask top nearest the group's median)")):
+        (out_dir / name).unlink(missing_ok=True)  # a grid of an earlier run would mislead
+        if picked:
+            placement_grid(picked, title).save(out_dir / name)
+            report["mask_grids"].append(name)
     grids = []
     for group, pairs in sorted(pick_sample_pairs(rows, cfg).items()):
         path = out_dir / f"samples_{group}.png"

@@ -28,7 +28,7 @@ def scan(source: Source, cfg: Config, num_actors: int = 2, batch_size: int = 64)
     checked = ds.map_batches(
         RowValidator,
         fn_constructor_kwargs={"data_cfg": dataclasses.asdict(cfg.data), "keep_images": "sample",
-                               "sample_rate": sample_rate},
+                               "sample_rate": sample_rate, "placement": True},
         compute=ActorPoolStrategy(min_size=1, max_size=num_actors),
         batch_size=batch_size,
         num_cpus=1,

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from catvton.config import DataConfig
+from catvton.data import placement as P
 from catvton.data.pairs import pid_unit
 from catvton.schema import cloth_group, parse_pose
 
@@ -121,11 +122,27 @@ class RowCheck:
     mask_fraction: float = -1.0
     mask_levels: int = 0
     """Distinct values in the mask image: 2 for a clean binary mask."""
+    mask_top: float = -1.0
+    """Top of the mask as a fraction of the person's height; this and the next five fields say
+    where the mask lies on the person (:class:`catvton.data.placement.Placement`), -1 when not
+    measured (``check_row(placement=False)``, flat and zoom views, a busy background)."""
+    mask_bottom: float = -1.0
+    """Bottom of the mask as a fraction of the person's height."""
+    upper_cover: float = -1.0
+    """Share of the person's upper half (above mid-height) under the mask."""
+    lower_cover: float = -1.0
+    """Share of the person's lower half under the mask."""
+    person_cover: float = -1.0
+    """Share of the person's silhouette under the mask."""
+    mask_outside: float = -1.0
+    """Share of the mask outside the estimated silhouette (how much the estimate missed)."""
 
 
-def check_row(row: Mapping[str, Any], cfg: DataConfig) -> tuple[RowCheck, Image.Image | None, np.ndarray | None]:
+def check_row(row: Mapping[str, Any], cfg: DataConfig, placement: bool = False
+              ) -> tuple[RowCheck, Image.Image | None, np.ndarray | None]:
     """Validate one row; returns the check and, when valid, the decoded photo (any mode: see
-    :func:`to_rgb`) and its (H, W) bool mask."""
+    :func:`to_rgb`) and its (H, W) bool mask. ``placement``: also measure where the mask lies on
+    the person (the ``mask_top`` ... ``mask_outside`` fields), as the setup report does."""
     pid = row.get("pid")
     if not isinstance(pid, str) or not pid.strip():
         return RowCheck(False, MISSING_PID, repr(pid)), None, None
@@ -162,6 +179,11 @@ def check_row(row: Mapping[str, Any], cfg: DataConfig) -> tuple[RowCheck, Image.
         check.reason, check.detail = UNPARSEABLE_POSE, str(row.get("pose"))
         return check, None, None
     check.valid, check.group, check.view, check.photo_group = True, group, pose.view, pose.photo_group
+    if placement and pose.view not in P.UNMEASURED_VIEWS:
+        where = P.measure(to_rgb(photo), mask)
+        if where is not None:
+            for k, v in asdict(where).items():
+                setattr(check, k, round(v, 4))
     return check, photo, mask
 
 
@@ -176,12 +198,15 @@ class RowValidator:
     preprocessing; a deterministic sample of pids in the setup scan, for its grids).
     """
 
-    def __init__(self, data_cfg: dict, keep_images: str = "none", sample_rate: float = 0.0):
+    def __init__(self, data_cfg: dict, keep_images: str = "none", sample_rate: float = 0.0,
+                 placement: bool = False):
         """keep_images: ``none``, ``valid`` or ``sample`` (valid rows of pids sampled at
-        ``sample_rate`` by a hash of the pid, so every batch agrees on the sample)."""
+        ``sample_rate`` by a hash of the pid, so every batch agrees on the sample).
+        placement: measure where each mask lies on its person (:func:`check_row`)."""
         self.cfg = DataConfig(**data_cfg)
         self.keep_images = keep_images
         self.sample_rate = sample_rate
+        self.placement = placement
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["pid"])
@@ -191,7 +216,7 @@ class RowValidator:
         mask_bytes: list[bytes | None] = []
         for i in range(n):
             row = {k: batch[k][i] if k in batch else None for k in ("images", "mask", *META_COLUMNS)}
-            check, _, _ = check_row(row, self.cfg)
+            check, _, _ = check_row(row, self.cfg, self.placement)
             checks.append(asdict(check))
             for k in META_COLUMNS:
                 v = row[k]
