@@ -165,7 +165,6 @@ def test(
     """A short proof run: loss curve, memory report, errors found (exit 1 if problems were found)."""
     import json
 
-    from catvton.artifacts import loss_history
     from catvton.ray_utils import init_ray
     from catvton.train.job import summary_lines
 
@@ -175,7 +174,7 @@ def test(
     _plan_or_refuse(cfg, gpu)
     init_ray()
     outcome = _train(cfg)
-    history = loss_history(outcome.checkpoint_dir)
+    history = outcome.history
     found = _findings(outcome, history)
     memory = {k: max((h.get(k, 0.0) for h in history), default=0.0) for k in ("peak_rss_mb", "peak_cuda_mb")}
     report = {"steps": outcome.metrics.get("step"), "final": outcome.metrics, "memory_mb": memory,

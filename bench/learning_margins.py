@@ -33,15 +33,16 @@ COMPARED = ("train", "lora", "data", "canvas", "mask", "infer")
 """Config sections a reused run must share with the requested job."""
 
 
-def finished_run(cfg) -> tuple[Path, Path, dict[str, Any]] | None:
-    """``(weights folder, last checkpoint, trained config dict)`` of a finished run named
+def finished_run(cfg) -> tuple[Path, list[dict], dict[str, Any]] | None:
+    """``(weights folder, loss history, trained config dict)`` of a finished run named
     ``cfg.run.name``, or None when there is none to reuse."""
     from catvton import artifacts
-    from catvton.train.job import run_dir, storage_path
+    from catvton.train.job import run_dir
 
     out = run_dir(cfg)
     weights = out / "lora"
-    if not ((weights / artifacts.LORA_WEIGHTS).is_file() and (out / artifacts.FINAL_METRICS).is_file()):
+    done = [weights / artifacts.LORA_WEIGHTS, out / artifacts.FINAL_METRICS, out / artifacts.LOSS_HISTORY]
+    if not all(f.is_file() for f in done):
         return None
     trained = json.loads((weights / artifacts.TRAINING_CONFIG).read_text())
     wanted = cfg.to_dict()
@@ -51,18 +52,12 @@ def finished_run(cfg) -> tuple[Path, Path, dict[str, Any]] | None:
     if differ:
         raise SystemExit(f"{out} is a finished run of another job ({'; '.join(differ[:4])}): delete it or pick "
                          "another run.output_dir")
-    step = json.loads((out / artifacts.FINAL_METRICS).read_text()).get("step")
-    for ckpt in sorted(Path(storage_path(cfg)).glob(f"{cfg.run.name}/checkpoint_*"), reverse=True):
-        if (ckpt / artifacts.TRAINING_STATE).is_file() and artifacts.load_training_state(ckpt)["step"] == step:
-            return weights, ckpt, trained
-    raise SystemExit(f"{out} finished at step {step} but no checkpoint of that step is in "
-                     f"{storage_path(cfg)}/{cfg.run.name}: set run.storage_path to the run's")
+    return weights, json.loads((out / artifacts.LOSS_HISTORY).read_text()), trained
 
 
 def run_seed(seed: int, config: str, extra: list[str], ray_data: bool = False) -> dict:
     """Train (or reuse) the default job with ``train.seed=seed`` and evaluate it on every
     held-out pair; the report goes to ``<run>/eval``."""
-    from catvton.artifacts import loss_history
     from catvton.config import load_config
     from catvton.eval.report import evaluate
     from catvton.eval.samples import held_out_samples
@@ -74,13 +69,13 @@ def run_seed(seed: int, config: str, extra: list[str], ray_data: bool = False) -
     if reused is None:
         cfg = resolve(cfg)
         outcome = run_job(cfg)
-        weights, checkpoint = outcome.weights_dir, outcome.checkpoint_dir
+        weights, history = outcome.weights_dir, outcome.history
     else:
-        weights, checkpoint, trained = reused
+        weights, history, trained = reused
         # score against the very base and alpha folders the LoRA was trained on
         cfg.model.base, cfg.model.transformer_override = trained["model"]["base"], trained["model"]["transformer_override"]
         cfg = resolve(cfg)
-    vals = [h for h in loss_history(checkpoint) if "val_loss_lower" in h]
+    vals = [h for h in history if "val_loss_lower" in h]
     report = evaluate(cfg, weights, held_out_samples(cfg, "test"), run_dir(cfg) / "eval", ray_data=ray_data,
                       source=f"{cfg.data.source} test split")
     return {"seed": seed, "evaluation": EVALUATION, "reused": reused is not None,

@@ -44,7 +44,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.steps <= args.warmup:
         raise SystemExit(f"--steps {args.steps} must exceed --warmup {args.warmup}: no step would be timed")
 
-    from catvton.artifacts import loss_history
     from catvton.cache.build import build_latent_cache
     from catvton.cli import config_or_exit
     from catvton.offline import resolve
@@ -64,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     outcome = fit(cfg, cache)  # as the job runs: a report (a sync) every LOG_EVERY steps, its cost included
     # each reported figure is the mean of the steps since the previous report (val/checkpoint
     # steps are left out: they do extra work)
-    ray_steps = [h["sec_per_step"] for h in loss_history(outcome.checkpoint_dir)
+    ray_steps = [h["sec_per_step"] for h in outcome.history
                  if "sec_per_step" in h and h["step"] > args.warmup and "val_loss" not in h]
     in_ray = statistics.median(ray_steps)
 

@@ -43,6 +43,8 @@ METRICS = "metrics.json"
 
 # --- a run folder (``<run.output_dir>/<run.name>``) -------------------------------------------
 FINAL_METRICS = "final_metrics.json"
+LOSS_HISTORY = "loss_history.json"
+"""Every reported step's metrics of the finished run, copied from its last checkpoint."""
 STOPPED = "STOPPED.txt"
 """Written to the run folder when the workers stop on a non-finite loss."""
 REFUSED = "REFUSED.txt"

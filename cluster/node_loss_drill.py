@@ -119,12 +119,11 @@ def run_drill(work: Path, steps: int, checkpoint_every: int, kill_after_step: in
     import ray
     from ray.cluster_utils import Cluster
 
-    from catvton.artifacts import load_training_state
     from catvton.cache.build import build_latent_cache
     from catvton.config import load_config
     from catvton.offline import resolve
     from catvton.ray_utils import init_ray
-    from catvton.train.job import fit
+    from catvton.train.job import checkpoint_state, fit
 
     name = "node-loss"
     cfg = load_config(ROOT / "configs/tiny.yaml", SMALL + [
@@ -173,7 +172,7 @@ def run_drill(work: Path, steps: int, checkpoint_every: int, kill_after_step: in
 
     import torch
 
-    state = load_training_state(outcome.checkpoint_dir)
+    state = checkpoint_state(outcome.checkpoint)
     # The loop prints this line on rank 0 when it starts from a checkpoint; workers' output lands
     # in the session's log files (the drill's private RAY_TMPDIR, so no other Ray's logs).
     resumed = sorted({int(m) for f in Path(os.environ["RAY_TMPDIR"]).glob("ray/session_*/logs/worker-*.out")
@@ -190,7 +189,7 @@ def run_drill(work: Path, steps: int, checkpoint_every: int, kill_after_step: in
         "worker_nodes": killer.seen,
         "distinct_worker_nodes": len(set(killer.seen.values())),
         "workers_started": len(killer.seen),
-        "checkpoint_dir": str(outcome.checkpoint_dir),
+        "checkpoint": outcome.checkpoint_uri,
         "weights_dir": str(outcome.weights_dir) if outcome.weights_dir else None,
         "fit_wall_s": round(wall, 1),
     }

@@ -75,7 +75,7 @@ def test_the_job_starts_from_the_alpha(job):
     """At step 0 (before the LoRA moved) the workers' model is the alpha: good at the upper-body
     pairs it was fine-tuned on, worse at the lower-body and full pairs the LoRA is there to teach."""
     _, outcome = job
-    start = artifacts.loss_history(outcome.checkpoint_dir)[0]
+    start = outcome.history[0]
     assert start["step"] == 0
     assert start["val_loss_upper"] < min(start["val_loss_lower"], start["val_loss_full"]), start
 
@@ -97,13 +97,14 @@ def test_the_lora_is_exported_with_the_alpha_named_as_its_transformer(job):
     assert len(a) == len(b) > 0 and all(t.shape[0] == cfg.lora.rank for t in a)
     assert max(float(t.abs().max()) for t in b) > 0, "B left its zero init: the LoRA was trained"
     # the same weights as Ray's last checkpoint (the export is a copy, not a re-save)
-    assert (outcome.checkpoint_dir / artifacts.LORA_WEIGHTS).read_bytes() == \
-        (outcome.weights_dir / artifacts.LORA_WEIGHTS).read_bytes()
+    with outcome.checkpoint.as_directory() as d:
+        assert (Path(d) / artifacts.LORA_WEIGHTS).read_bytes() == \
+            (outcome.weights_dir / artifacts.LORA_WEIGHTS).read_bytes()
 
 
 def test_the_loss_history_has_every_report(job):
     _, outcome = job
-    history = artifacts.loss_history(outcome.checkpoint_dir)
+    history = outcome.history
     assert [h["step"] for h in history] == [0, 5, 10], history  # validation at 0, then every 5
     assert "loss" not in history[0] and all("val_loss" in h for h in history)
     for h in history[1:]:
@@ -162,7 +163,7 @@ def test_the_summary_names_every_artifact(job):
     assert named["loss curve"] == str(outcome.run_dir / "loss_curve.png")
     assert named["sample grids"] == str(outcome.run_dir / "samples_step000010.png")
     assert named["tensorboard"] == f"tensorboard --logdir {outcome.run_dir / 'tensorboard'}"
-    assert named["checkpoint"] == str(outcome.checkpoint_dir)
+    assert named["checkpoint"] == outcome.checkpoint_uri == outcome.checkpoint.path
     for key in ("weights", "loss curve", "sample grids", "checkpoint"):
         assert Path(named[key]).exists(), key
 
@@ -212,7 +213,7 @@ def test_wandb_recorded_the_run_offline(job):
         if r.WhichOneof("record_type") == "history":
             row = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
             logged[row["_step"]] = row
-    history = artifacts.loss_history(outcome.checkpoint_dir)
+    history = outcome.history
     assert sorted(logged) == [h["step"] for h in history]
     for h in history:  # the same numbers as Ray's checkpoint, not merely "something was logged"
         for key in ("loss", "val_loss", "lr", "grad_norm"):

@@ -50,4 +50,4 @@ def test_a_node_lost_mid_run_is_survived_and_the_run_finishes_from_its_checkpoin
     assert r["final_step"] == STEPS and r["checkpoint_step"] == STEPS
     assert r["history_steps"] == list(range(0, STEPS + 1, EVERY)), r["history_steps"]
     assert (Path(r["weights_dir"]) / "pytorch_lora_weights.safetensors").is_file()
-    assert Path(r["checkpoint_dir"]).is_relative_to(tmp_path / "storage" / "node-loss")
+    assert Path(r["checkpoint"]).is_relative_to(tmp_path / "storage" / "node-loss")

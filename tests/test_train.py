@@ -104,7 +104,7 @@ def small_cache(tmp_path_factory, ray_session):
 
 @pytest.mark.ray
 def test_two_cpu_workers_hold_identical_lora_weights_after_ddp_steps(tmp_path, small_cache):
-    from catvton.train.job import fit
+    from catvton.train.job import checkpoint_state, fit
 
     cfg = small_cfg(tmp_path, "train.num_workers=2", "train.max_steps=2", "train.checkpoint_every=2",
                     "train.val_every=2", "train.val_batches=1", "run.name=ddp")
@@ -121,8 +121,56 @@ def test_two_cpu_workers_hold_identical_lora_weights_after_ddp_steps(tmp_path, s
 
 
 @pytest.mark.ray
-def test_a_worker_failure_is_survived_and_a_rerun_resumes(tmp_path, small_cache):
+def test_sample_grids_use_the_cached_prompt_no_text_encoder_in_a_worker(tmp_path, small_cache):
+    """A checkpoint draws a sample grid on rank 0 from the cache's prompt embeddings: building
+    T5-XXL there would put ~9.5 GB on the training GPU (issue 11, item 4)."""
+    from catvton.infer.tryon import TryOn
     from catvton.train.job import fit
+
+    watched = tmp_path / "text-encoders"
+    cfg = small_cfg(tmp_path, "train.max_steps=2", "train.checkpoint_every=2", "train.val_every=2",
+                    "train.val_batches=1", "run.name=grid")
+    train_hooks.by_value()
+    outcome = fit(cfg, small_cache, worker_hooks=train_hooks.WatchTextEncoders(watched))
+    assert (outcome.run_dir / "samples_step000002.png").stat().st_size > 1000, "a grid was drawn"
+    assert not watched.exists(), {f.name: f.read_text() for f in watched.glob("*.txt")}
+    # the watch does catch a text encoder: the same grid without cached embeddings builds both
+    train_hooks.watch_text_encoders(watched)
+    TryOn.from_parts(cfg, transformer=S.build_transformer(cfg, torch.device("cpu"), torch.float32))
+    assert sorted(watched.glob("*.txt")) and sorted(
+        (watched / next(watched.glob("*.txt")).name).read_text().split()) == sorted(train_hooks.TEXT_ENCODERS)
+
+
+@pytest.mark.ray
+def test_every_epoch_reads_all_pairs_in_a_fresh_global_order(small_cache):
+    """The workers' split (Ray Train executes it once an epoch) gives every training pair once per
+    epoch, in a different order each epoch, mixed across people from the first batch on; the
+    cache itself is written in pid order (issue 11, item 5)."""
+    from catvton.cache.read import split_files
+    from catvton.train.job import training_dataset
+
+    import pyarrow.parquet as pq
+
+    on_disk = [(p, q) for p, q in zip(*pq.read_table(split_files(small_cache, "train"),
+                                                     columns=["pid", "person_pose"]).to_pydict().values())]
+    (shard,) = training_dataset(small_cache, seed=0, materialize=True).streaming_split(1, equal=True)
+    epochs = []
+    for _ in range(2):
+        rows = []
+        for b in shard.iter_batches(batch_size=4, batch_format="numpy"):
+            rows += list(zip(b["pid"].tolist(), b["person_pose"].tolist()))
+        epochs.append(rows)
+    first, second = epochs
+    assert sorted(first) == sorted(second) == sorted(on_disk) and len(first) == len(on_disk) > 20
+    assert first != second, "a fresh order each epoch"
+    assert first != on_disk and second != on_disk
+    people = len({p for p, _ in on_disk})
+    # pid order would put the first 8 pairs on ~2 people; a global shuffle spreads them
+    assert len({p for p, _ in first[:8]}) >= min(5, people), first[:8]
+
+@pytest.mark.ray
+def test_a_worker_failure_is_survived_and_a_rerun_resumes(tmp_path, small_cache):
+    from catvton.train.job import checkpoint_state, fit
 
     cfg = small_cfg(tmp_path, "train.max_steps=12", "train.checkpoint_every=4", "train.val_every=4",
                     "train.val_batches=1", "train.max_failures=2", "run.name=faulty")
@@ -130,7 +178,7 @@ def test_a_worker_failure_is_survived_and_a_rerun_resumes(tmp_path, small_cache)
     outcome = fit(cfg, small_cache, log_every=5, worker_hooks=train_hooks.FailOnce(step=6))
     assert (outcome.run_dir / train_hooks.FAULT_MARKER).is_file(), "the failure really happened"
     assert outcome.metrics["step"] == 12
-    state = artifacts.load_training_state(outcome.checkpoint_dir)
+    state = checkpoint_state(outcome.checkpoint)
     steps = [h["step"] for h in state["history"]]
     # continuous, no repeats, nothing lost: step 0's validation, then every report of the schedule
     # (val and checkpoint every 4, metrics every 5, the last step); step 5 was re-run after the restart
@@ -144,7 +192,7 @@ def test_a_worker_failure_is_survived_and_a_rerun_resumes(tmp_path, small_cache)
     # the same name again: resumes from step 12 instead of starting over
     checkpoints_before = sorted(p.name for p in (tmp_path / "ray" / "faulty").glob("checkpoint_*"))
     again = fit(cfg, small_cache)
-    assert artifacts.load_training_state(again.checkpoint_dir)["step"] == 12
+    assert checkpoint_state(again.checkpoint)["step"] == 12
     checkpoints_after = sorted(p.name for p in (tmp_path / "ray" / "faulty").glob("checkpoint_*"))
     assert checkpoints_after == checkpoints_before, "no new training happened"
     assert (again.run_dir / "resumes.log").read_text().splitlines()[-1] == "resumed from step 12"
@@ -156,7 +204,7 @@ def test_a_rerun_with_another_schedule_is_refused_or_continues_never_passed_off(
     exported LoRA untouched; with a longer schedule: trains on from the checkpoint to the new end
     (issue 11, item 10; the decision itself: tests/test_resume_schedule.py)."""
     from catvton.train.checkpoint import ScheduleChanged
-    from catvton.train.job import fit
+    from catvton.train.job import checkpoint_state, fit
 
     common = ("train.checkpoint_every=4", "train.val_every=4", "train.val_batches=1", "run.name=rerun")
     first = fit(small_cfg(tmp_path, "train.max_steps=4", *common), small_cache)
@@ -170,7 +218,7 @@ def test_a_rerun_with_another_schedule_is_refused_or_continues_never_passed_off(
 
     longer = fit(small_cfg(tmp_path, "train.max_steps=6", *common), small_cache, log_every=5)
     assert longer.metrics["step"] == 6
-    state = artifacts.load_training_state(longer.checkpoint_dir)
+    state = checkpoint_state(longer.checkpoint)
     assert (state["step"], state["total_steps"]) == (6, 6)
     assert [h["step"] for h in state["history"]] == [0, 4, 5, 6], "steps 5 and 6 trained on top of step 4"
     assert (longer.run_dir / artifacts.RESUMES).read_text().splitlines() == [
@@ -180,7 +228,7 @@ def test_a_rerun_with_another_schedule_is_refused_or_continues_never_passed_off(
 
 @pytest.mark.ray
 def test_a_nonfinite_loss_stops_the_run_with_the_step_and_checkpoint(tmp_path, small_cache):
-    from catvton.train.job import fit
+    from catvton.train.job import checkpoint_state, fit
     from catvton.train.engine import NonFiniteLoss
 
     cfg = small_cfg(tmp_path, "train.max_steps=30", "train.checkpoint_every=1", "train.val_every=50",

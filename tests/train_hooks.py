@@ -57,3 +57,45 @@ class DumpWeights:
         self.folder.mkdir(parents=True, exist_ok=True)
         torch.save({n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
                    self.folder / f"rank{rank}.pt")
+
+
+TEXT_ENCODERS = ("CLIPTextModel", "T5EncoderModel")
+
+
+def watch_text_encoders(folder: Path) -> None:
+    """From now on, every CLIP or T5 text encoder built in this process appends its class name to
+    ``<folder>/<pid>.txt`` (the models are still built)."""
+    import transformers
+
+    folder = Path(folder)
+    for name in TEXT_ENCODERS:
+        cls = getattr(transformers, name)
+        if getattr(cls, "_catvton_watched", None) == folder:
+            continue
+        init = cls.__dict__.get("_catvton_init", cls.__init__)
+
+        def watched(self, *args, _init=init, _name=name, **kwargs):
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(folder / f"{os.getpid()}.txt", "a") as f:
+                f.write(_name + "\n")
+            _init(self, *args, **kwargs)
+
+        cls._catvton_init, cls.__init__, cls._catvton_watched = init, watched, folder
+
+
+class WatchTextEncoders:
+    """Installs :func:`watch_text_encoders` in every worker as the worker unpickles it, before the
+    training loop runs: a text encoder built anywhere in the loop leaves a file in ``folder``."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        watch_text_encoders(self.folder)
+
+    def after_step(self, *, step: int, rank: int, world: int, run_dir: Path) -> None:
+        pass
+
+    def at_end(self, *, model: torch.nn.Module, rank: int) -> None:
+        pass

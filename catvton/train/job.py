@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from catvton import artifacts
-from catvton.artifacts import FINAL_METRICS, PLACEMENT_GROUP, REFUSED, STOPPED
+from catvton.artifacts import FINAL_METRICS, LOSS_HISTORY, PLACEMENT_GROUP, REFUSED, STOPPED
 from catvton.cache.build import build_latent_cache
 from catvton.cache.read import open_split, split_files
 from catvton.config import Config
@@ -28,14 +28,30 @@ class TrainOutcome:
 
     run_dir: Path
     """``<run.output_dir>/<run.name>``: loss curve, sample grids, TensorBoard, W&B, exported weights."""
-    checkpoint_dir: Path | None
-    """Ray's latest checkpoint folder (in ``run.storage_path``)."""
+    checkpoint: Any
+    """Ray's latest ``ray.train.Checkpoint`` (None when none was reported). It lives in
+    ``run.storage_path``, a local folder or ``s3://...``: read it with ``as_directory()`` or
+    ``to_directory()``, never as a local path."""
     weights_dir: Path | None
     """``run_dir/lora`` (or ``run_dir/transformer`` for full fine-tuning): the exported weights."""
     metrics: dict
     """The last reported metrics."""
     cache_dir: Path
     config: Config
+    history: list[dict] = field(default_factory=list)
+    """Every reported step's metrics, from the latest checkpoint (also ``run_dir/loss_history.json``)."""
+
+    @property
+    def checkpoint_uri(self) -> str | None:
+        """Where the latest checkpoint is, as a user would type it: a local path or ``s3://...``."""
+        return checkpoint_uri(self.checkpoint)
+
+
+def checkpoint_uri(checkpoint) -> str | None:
+    if checkpoint is None:
+        return None
+    kind = checkpoint.filesystem.type_name
+    return checkpoint.path if kind == "local" else f"{kind}://{checkpoint.path}"
 
 
 def storage_path(cfg: Config) -> str:
@@ -53,6 +69,26 @@ the steps (measured: 0.06 s a step, 0.4 s a step with the restarts at 170 steps 
 def split_bytes(cache_dir: Path, split: str) -> int:
     """Bytes of the split's parquet files in the latent cache."""
     return sum(Path(f).stat().st_size for f in split_files(cache_dir, split))
+
+
+def training_dataset(cache_dir: Path, seed: int, materialize: bool):
+    """The training split as the workers read it: every pair in a fresh global order each epoch
+    (Ray Train executes the dataset once an epoch, and ``reseed_after_execution`` derives each
+    execution's shuffle seed from ``seed`` and the execution's index). The cache is written in pid
+    order, so a local shuffle buffer would keep a batch within a few people.
+
+    ``materialize``: read the split into the object store first. Workers holding every CPU would
+    starve a streaming read, and a small split is cheaper to hold than to read again every epoch.
+    The shuffle is an all-to-all of the split each epoch: on the production cache the latents
+    move once an epoch through the object store. On held blocks its tasks ask for no CPU (like
+    the read they replace, they must not wait behind workers that hold every CPU)."""
+    from ray.data import RandomSeedConfig
+
+    ds = open_split(cache_dir, "train")
+    if materialize:
+        ds = ds.materialize()
+    seeds = RandomSeedConfig(seed=seed, reseed_after_execution=True)
+    return ds.random_shuffle(seed=seeds, num_cpus=0) if materialize else ds.random_shuffle(seed=seeds)
 
 
 def run_dir(cfg: Config) -> Path:
@@ -85,14 +121,10 @@ def fit(cfg: Config, cache_dir: Path, log: Callable[[str], None] = print, log_ev
     out_dir.mkdir(parents=True, exist_ok=True)
     for reason in (STOPPED, REFUSED):  # left by an earlier attempt
         (out_dir / reason).unlink(missing_ok=True)
-    train_ds = open_split(cache_dir, "train")
     if materialize is None:
         materialize = (ray.cluster_resources().get("CPU", 0) - t.num_workers * t.cpus_per_worker < 1
                        or split_bytes(cache_dir, "train") < SMALL_SPLIT_BYTES)
-    if materialize:
-        # Workers holding every CPU would starve a streaming read, and a small split is cheaper to
-        # hold than to read again every epoch: read it all first.
-        train_ds = train_ds.materialize()
+    train_ds = training_dataset(cache_dir, t.seed, materialize)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -120,13 +152,15 @@ def fit(cfg: Config, cache_dir: Path, log: Callable[[str], None] = print, log_ev
     if (out_dir / REFUSED).is_file():
         raise ScheduleChanged((out_dir / REFUSED).read_text().strip())
     if (out_dir / STOPPED).is_file():
-        last = f" Latest checkpoint folder: {result.checkpoint.path}." if result.checkpoint else ""
+        last = f" Latest checkpoint: {checkpoint_uri(result.checkpoint)}." if result.checkpoint else ""
         raise NonFiniteLoss((out_dir / STOPPED).read_text().strip() + last)
-    checkpoint_dir = Path(result.checkpoint.path) if result.checkpoint is not None else None
-    weights = export_weights(checkpoint_dir, out_dir, cfg) if checkpoint_dir else None
+    weights, history = None, []
+    if result.checkpoint is not None:
+        weights, history = export_weights(result.checkpoint, out_dir, cfg)
+        (out_dir / LOSS_HISTORY).write_text(json.dumps(history, default=str) + "\n")
     metrics = dict(result.metrics or {})
     (out_dir / FINAL_METRICS).write_text(json.dumps(metrics, indent=2, default=str) + "\n")
-    return TrainOutcome(out_dir, checkpoint_dir, weights, metrics, cache_dir, cfg)
+    return TrainOutcome(out_dir, result.checkpoint, weights, metrics, cache_dir, cfg, history)
 
 
 def ephemeral_paths_warning(cfg: Config, cwd: Path | None = None) -> str | None:
@@ -188,21 +222,30 @@ def summary_lines(outcome: TrainOutcome) -> list[str]:
         f"loss curve:   {outcome.run_dir / 'loss_curve.png'}",
         f"sample grids: {grids[-1] if grids else '(none)'}",
         f"tensorboard:  tensorboard --logdir {outcome.run_dir / 'tensorboard'}",
-        f"checkpoint:   {outcome.checkpoint_dir}",
+        f"checkpoint:   {outcome.checkpoint_uri}",
     ]
 
 
-def export_weights(checkpoint_dir: Path, out_dir: Path, cfg: Config) -> Path:
-    """Copy the trained weights out of Ray's checkpoint into ``out_dir/lora`` (or
-    ``out_dir/transformer``) with the run's config as ``training_config.json``, atomically
-    (:func:`catvton.artifacts.export_atomic`): never half a folder."""
+def export_weights(checkpoint, out_dir: Path, cfg: Config) -> tuple[Path, list[dict]]:
+    """Copy the trained weights out of Ray's ``checkpoint`` (local or on S3, read through its
+    ``as_directory``) into ``out_dir/lora`` (or ``out_dir/transformer``) with the run's config as
+    ``training_config.json``, atomically (:func:`catvton.artifacts.export_atomic`): never half a
+    folder. Returns the folder and the checkpoint's loss history."""
     name = "lora" if cfg.train.method == "lora" else artifacts.FULL_WEIGHTS
+    with checkpoint.as_directory() as d:
+        src = Path(d)
 
-    def fill(tmp: Path) -> None:
-        if cfg.train.method == "lora":
-            shutil.copy2(checkpoint_dir / artifacts.LORA_WEIGHTS, tmp / artifacts.LORA_WEIGHTS)
-        else:
-            shutil.copytree(checkpoint_dir / artifacts.FULL_WEIGHTS, tmp, dirs_exist_ok=True)
-        shutil.copy2(checkpoint_dir / artifacts.CHECKPOINT_CONFIG, tmp / artifacts.TRAINING_CONFIG)
+        def fill(tmp: Path) -> None:
+            if cfg.train.method == "lora":
+                shutil.copy2(src / artifacts.LORA_WEIGHTS, tmp / artifacts.LORA_WEIGHTS)
+            else:
+                shutil.copytree(src / artifacts.FULL_WEIGHTS, tmp, dirs_exist_ok=True)
+            shutil.copy2(src / artifacts.CHECKPOINT_CONFIG, tmp / artifacts.TRAINING_CONFIG)
 
-    return artifacts.export_atomic(out_dir / name, fill)
+        return artifacts.export_atomic(out_dir / name, fill), artifacts.loss_history(src)
+
+
+def checkpoint_state(checkpoint) -> dict[str, Any]:
+    """The training state (step, history, optimizer...) of a Ray ``checkpoint``, local or remote."""
+    with checkpoint.as_directory() as d:
+        return artifacts.load_training_state(d)

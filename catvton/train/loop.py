@@ -64,14 +64,13 @@ def load_val_batches(cache: Path, manifest: dict, cfg: Config, device) -> list[d
 
 
 def shard_micro_batches(shard, manifest: dict, cfg: Config, device, first_epoch: int) -> Iterator[tuple[int, dict]]:
-    """``(epoch, micro-batch)`` from this worker's shard, epoch after epoch, forever; each epoch
-    reshuffled locally with ``train.seed + epoch``. The stream runs on across epoch ends, so one
-    optimizer step's accumulation may take micro-batches from two epochs."""
+    """``(epoch, micro-batch)`` from this worker's shard, epoch after epoch, forever. The order is
+    the dataset's: :func:`catvton.train.job.training_dataset` shuffles all pairs globally, afresh
+    every epoch. The stream runs on across epoch ends, so one optimizer step's accumulation may
+    take micro-batches from two epochs."""
     epoch = first_epoch
     while True:
-        for np_batch in shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy",
-                                           local_shuffle_buffer_size=4 * cfg.train.batch_size,
-                                           local_shuffle_seed=cfg.train.seed + epoch):
+        for np_batch in shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy"):
             yield epoch, _to_device(decode_batch(np_batch, manifest), device)
         epoch += 1
 
@@ -101,7 +100,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer, scheduler = make_optimizer(cfg, params, total)
     generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
     latent_hw = tuple(manifest["latent_shape"][1:])
-    text = TextContext(load_text_embeds(cache), latent_hw, device, dtype)
+    embeds = load_text_embeds(cache)  # no text encoder in a worker: T5-XXL alone is ~9.5 GB
+    text = TextContext(embeds, latent_hw, device, dtype)
 
     step, history = 0, []
     checkpoint = ray.train.get_checkpoint()
@@ -148,7 +148,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 save_checkpoint(Path(tmp), model, optimizer, scheduler, metrics["step"], history, cfg, generator, total)
                 plot_loss_curve(history, run_dir / "loss_curve.png", title=f"{cfg.run.name}: flow-matching loss")
                 if samples is not None:
-                    _sample_grid(model, samples, cfg, run_dir / f"samples_step{metrics['step']:06d}.png")
+                    _sample_grid(model, samples, embeds, cfg, run_dir / f"samples_step{metrics['step']:06d}.png")
                 ckpt = Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
         last_checkpoint = f"step {metrics['step']}"  # reported; Ray names its folder
@@ -228,9 +228,11 @@ def _all_mean(value: float, world: int, device: torch.device) -> float:
     return float(t.item()) / world
 
 
-def _sample_grid(model, samples: dict[str, np.ndarray], cfg: Config, path: Path) -> None:
-    """garment | masked person | result | ground truth, for the fixed validation pairs."""
-    tryon = TryOn.from_parts(cfg, transformer=model)
+def _sample_grid(model, samples: dict[str, np.ndarray], embeds: dict[str, torch.Tensor], cfg: Config,
+                 path: Path) -> None:
+    """garment | masked person | result | ground truth, for the fixed validation pairs. The prompt
+    comes from the cache's embeddings (``embeds``): no text encoder is built on a training GPU."""
+    tryon = TryOn.from_parts(cfg, transformer=model, text_embeds=embeds)
     n = min(cfg.run.samples, len(samples["canvas"]))
     canvases = samples["canvas"][:n].astype(np.float32) / 255.0
     masks = samples["mask"][:n].astype(np.float32)
