@@ -7,9 +7,15 @@ The latent cache is built once by the driver, before any trial starts.
 
 Layout under ``<run.output_dir>/<tune.name>/``::
 
+    sweep_config.json    the sweep's full configuration, written before its first trial
+    tune/<tune.name>/    Ray Tune's experiment state (what ``Tuner.restore`` reads)
     trials/<trial>/      each trial's run folder (loss curve, sample grids, TensorBoard, lora/)
     release/             the winner: pytorch_lora_weights.safetensors, training_config.json,
                          metrics.json, trials.csv, trials.json, sweep.png (see docs/release.md)
+
+A sweep whose driver died is continued with ``run_sweep(saved_sweep_config(...), resume=True)``:
+trials that finished keep their results, the others run again, each from its own latest
+checkpoint (a trial's run re-uses its name, so :func:`catvton.train.job.fit` resumes it).
 """
 
 from __future__ import annotations
@@ -26,11 +32,14 @@ from typing import Any, Callable
 from catvton.artifacts import LORA_WEIGHTS, METRICS, TRAINING_CONFIG, export_atomic
 from catvton.cache.build import build_latent_cache
 from catvton.cache.read import load_manifest
-from catvton.config import Config, ConfigError, config_from_dict, sweep_problems, total_steps
+from catvton.config import Config, ConfigError, apply_overrides, config_from_dict, sweep_problems, total_steps
 from catvton.train.job import fit, release_placement_group
 
 TRIAL_DRIVER_CPU = 0.5
 """CPU reserved by each trial's own function (it only waits on its TorchTrainer)."""
+
+SWEEP_CONFIG = "sweep_config.json"
+"""The sweep's full configuration in its folder, written before its first trial (``--resume`` reads it)."""
 
 RELEASE_FILES = (LORA_WEIGHTS, TRAINING_CONFIG, METRICS, "trials.csv", "trials.json", "sweep.png")
 
@@ -135,10 +144,77 @@ def _release_callback(trials_dir: Path):
     return ReleasePlacementGroups()
 
 
-def run_sweep(cfg: Config, num_encoders: int = 1, log: Callable[[str], None] = print) -> SweepOutcome:
+def sweep_folder(output_dir: str | Path, name: str) -> Path:
+    """``<output_dir>/<name>``, absolute: where a sweep keeps everything (module docstring)."""
+    return Path(output_dir).expanduser().resolve() / name
+
+
+def tune_experiment(sweep_dir: Path) -> Path:
+    """Ray Tune's experiment folder of the sweep in ``sweep_dir`` (``Tuner.restore`` takes it)."""
+    return sweep_dir / "tune" / sweep_dir.name
+
+
+class SweepNotFound(LookupError):
+    """``--resume`` named a sweep that left nothing to resume; the message says what there is."""
+
+
+def resumable(sweep_dir: Path) -> bool:
+    """Whether the sweep in ``sweep_dir`` can be resumed: its config is saved and Ray Tune's
+    experiment state is there (``Tuner.can_restore``)."""
+    from ray.tune import Tuner
+
+    return (sweep_dir / SWEEP_CONFIG).is_file() and Tuner.can_restore(tune_experiment(sweep_dir))
+
+
+def saved_sweep_config(output_dir: str | Path, name: str) -> Config:
+    """The configuration sweep ``name`` under ``output_dir`` started with, located there (its
+    ``run.output_dir`` is that folder). :class:`SweepNotFound` when it cannot be resumed."""
+    folder = sweep_folder(output_dir, name)
+    if resumable(folder):
+        cfg = config_from_dict(json.loads((folder / SWEEP_CONFIG).read_text()))
+        cfg.run.output_dir = str(folder.parent)
+        return cfg
+    root = folder.parent
+    others = sorted(d.name for d in root.iterdir() if d.is_dir() and resumable(d)) if root.is_dir() else []
+    there = f"sweeps there that can be resumed: {', '.join(others)}" if others else "no sweep there can be resumed"
+    why = ("it stopped before its first trial started" if (folder / SWEEP_CONFIG).is_file() else
+           "no sweep of that name ran there")
+    raise SweepNotFound(
+        f"nothing to resume for sweep {name!r} under {root} ({why}; {there}). Start it with "
+        f"`python ray_jobs/tune.py --set tune.name={name}` (without --resume), or pass the "
+        f"--config / --set run.output_dir=... the sweep ran with so that it is found.")
+
+
+def resume_problems(saved: Config, overrides: list[str]) -> list[str]:
+    """The ``--set`` overrides that would change a sweep being resumed: it keeps the config it
+    started with, so only the same values (or ``run.output_dir``, which locates it) are accepted."""
+    kept = [o for o in overrides if o.split("=", 1)[0].strip() != "run.output_dir"]
+    before = _leaves(saved.to_dict())
+    after = _leaves(apply_overrides(config_from_dict(saved.to_dict()), kept).to_dict())
+    return [f"{k}={after[k]!r}: sweep {saved.tune.name!r} started with {before[k]!r}, and a resumed sweep "
+            f"keeps its config; drop this --set, or start a new sweep under another tune.name"
+            for k in before if after[k] != before[k]]
+
+
+def _leaves(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested dict as ``{"section.field": value}``."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def run_sweep(cfg: Config, num_encoders: int = 1, log: Callable[[str], None] = print,
+              resume: bool = False) -> SweepOutcome:
     """Build (or reuse) the latent cache, run the trials, export the winner. ``cfg`` names
-    concrete models (entry points resolve offline names with :func:`catvton.offline.resolve`)."""
-    import ray
+    concrete models (entry points resolve offline names with :func:`catvton.offline.resolve`).
+
+    ``resume``: continue the sweep ``cfg.tune.name`` that a dead driver left (``cfg`` from
+    :func:`saved_sweep_config`) with ``Tuner.restore``: finished trials keep their results, the
+    unfinished and errored ones run again. Ray keeps no scheduler state in its experiment
+    checkpoint, so ASHA's rungs start empty: the finished trials are not compared again, and a
+    resumed sweep may stop fewer trials early. Without ``resume`` a sweep always starts anew
+    (new trial names, every trial from step 0), even where one of the same name ran before."""
     from ray import tune
 
     problems = sweep_problems(cfg)  # before the cache is built; its length once it is
@@ -146,8 +222,35 @@ def run_sweep(cfg: Config, num_encoders: int = 1, log: Callable[[str], None] = p
         raise ConfigError(problems)
     cache = build_latent_cache(cfg, num_encoders=num_encoders, use_gpu=cfg.train.use_gpu, log=log)
     steps = trial_steps(cfg, cache)
-    sweep_dir = Path(cfg.run.output_dir).expanduser().resolve() / cfg.tune.name
+    sweep_dir = sweep_folder(cfg.run.output_dir, cfg.tune.name)
+    # Reports between validations carry no val loss; ASHA skips them, Tune's strict check must too.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    trainable = tune.with_resources(run_trial, {"CPU": TRIAL_DRIVER_CPU})
+    if resume:
+        log(f"[catvton] resuming sweep {cfg.tune.name} from {tune_experiment(sweep_dir)}")
+        tuner = tune.Tuner.restore(str(tune_experiment(sweep_dir)), trainable=trainable,
+                                   resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = _new_tuner(cfg, trainable, cache, steps, sweep_dir, log)
+    grid = tuner.fit()
+    rows = [trial_row(r.metrics or {}, r.config or {}, r.path, r.metrics_dataframe, r.error, cfg, steps)
+            for r in grid]
+    release = export_release(rows, sweep_dir / "release", cfg)
+    winner = json.loads((release / METRICS).read_text())
+    return SweepOutcome(sweep_dir, release, rows, winner)
+
+
+def _new_tuner(cfg: Config, trainable, cache: Path, steps: int, sweep_dir: Path, log: Callable[[str], None]):
+    """A Tuner for a new sweep in ``sweep_dir``, its config saved there first (for a resume)."""
+    import ray
+    from ray import tune
+
     sweep_dir.mkdir(parents=True, exist_ok=True)
+    saved = config_from_dict(cfg.to_dict())
+    saved.run.output_dir = str(sweep_dir.parent)
+    tmp = sweep_dir / f".{SWEEP_CONFIG}.tmp"
+    tmp.write_text(json.dumps(saved.to_dict(), indent=2) + "\n")
+    tmp.replace(sweep_dir / SWEEP_CONFIG)
     resources = ray.cluster_resources()
     concurrent = max_concurrent_trials(cfg, resources)
     t = cfg.train
@@ -156,10 +259,7 @@ def run_sweep(cfg: Config, num_encoders: int = 1, log: Callable[[str], None] = p
     materialize = resources.get("CPU", 0) - busy < 1
     log(f"[catvton] sweep {cfg.tune.name}: {cfg.tune.search} search, up to {concurrent} trial(s) at once, "
         f"ASHA on {cfg.tune.metric} from step {cfg.tune.grace_period} of {steps}")
-    # Reports between validations carry no val loss; ASHA skips them, Tune's strict check must too.
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    trainable = tune.with_resources(run_trial, {"CPU": TRIAL_DRIVER_CPU})
-    tuner = tune.Tuner(
+    return tune.Tuner(
         trainable,
         param_space={**param_space(cfg), "cfg": cfg.to_dict(), "cache_dir": str(cache),
                      "sweep_dir": str(sweep_dir), "materialize": materialize},
@@ -170,12 +270,6 @@ def run_sweep(cfg: Config, num_encoders: int = 1, log: Callable[[str], None] = p
         run_config=tune.RunConfig(name=cfg.tune.name, storage_path=str(sweep_dir / "tune"),
                                   callbacks=[_release_callback(sweep_dir / "trials")]),
     )
-    grid = tuner.fit()
-    rows = [trial_row(r.metrics or {}, r.config or {}, r.path, r.metrics_dataframe, r.error, cfg, steps)
-            for r in grid]
-    release = export_release(rows, sweep_dir / "release", cfg)
-    winner = json.loads((release / METRICS).read_text())
-    return SweepOutcome(sweep_dir, release, rows, winner)
 
 
 def trial_row(metrics: dict, config: dict, path: str, frame, error, cfg: Config, steps_planned: int) -> dict[str, Any]:
