@@ -142,8 +142,9 @@ class TrainConfig:
     """Ray Train workers (one GPU each when ``use_gpu``)."""
     use_gpu: bool = True
     """Train on GPUs; false trains on CPU workers with gloo."""
-    cpus_per_worker: int = 1
-    """CPUs each worker reserves; leave CPUs free for Ray Data and the driver."""
+    cpus_per_worker: float = 1
+    """CPUs each worker reserves (fractions allowed, e.g. 0.5 for two workers on one CPU); leave
+    CPUs free for Ray Data and the driver."""
     max_steps: int = 0
     """Stop after this many optimizer steps; 0 = ``epochs`` passes over the training pairs."""
     seed: int = 0
