@@ -67,6 +67,25 @@ def random_lora(cfg, folder: Path, seed: int = 0, scale: float = 0.1) -> Path:
     return Path(folder)
 
 
+def tiny_fill_case(folder: Path, n: int, steps: int):
+    """``(cfg, lora, canvas (n,32,64,3), mask (n,32,64))``: the tiny base alone (built once) at 32x32
+    halves with ``steps`` steps, a random rank-4 LoRA in ``folder``, seeded canvases and a mask box
+    inside the person half."""
+    from catvton.config import load_config
+    from catvton.offline.tiny_base import ensure_tiny_base
+
+    cfg = load_config(ROOT / "configs/tiny.yaml", ["model.transformer_override=null", "canvas.half_width=32",
+                                                   "canvas.half_height=32", f"infer.steps={steps}", "lora.rank=4",
+                                                   "lora.alpha=8.0"])
+    cfg.model.base = str(ensure_tiny_base())
+    lora = random_lora(cfg, folder)
+    rng = np.random.default_rng(0)
+    canvas = (rng.integers(0, 256, (n, 32, 64, 3)) / 255.0).astype(np.float32)
+    mask = np.zeros((n, 32, 64), np.float32)
+    mask[:, 8:28, 36:60] = 1  # inside the person half
+    return cfg, lora, canvas, mask
+
+
 def png_cell(arr: np.ndarray, mode: str | None = None) -> dict:
     """A parquet image cell ({bytes, path}) holding ``arr`` as PNG."""
     buf = io.BytesIO()

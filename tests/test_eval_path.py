@@ -11,9 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import random_lora
-
-from catvton.config import load_config
+from conftest import tiny_fill_case
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,18 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A config on the tiny base at 32x32 halves, a random LoRA folder on it, and 5 canvases."""
-    from catvton.offline.tiny_base import ensure_tiny_base
-
-    cfg = load_config(ROOT / "configs/tiny.yaml", ["model.transformer_override=null", "canvas.half_width=32",
-                                                   "canvas.half_height=32", "infer.steps=2", "lora.rank=4",
-                                                   "lora.alpha=8.0"])
-    cfg.model.base = str(ensure_tiny_base())
-    lora = random_lora(cfg, tmp_path_factory.mktemp("lora"))
-    rng = np.random.default_rng(0)
-    canvas = (rng.integers(0, 256, (5, 32, 64, 3)) / 255.0).astype(np.float32)
-    mask = np.zeros((5, 32, 64), np.float32)
-    mask[:, 8:28, 36:60] = 1  # inside the person half
-    return cfg, lora, canvas, mask
+    return tiny_fill_case(tmp_path_factory.mktemp("lora"), n=5, steps=2)
 
 
 @pytest.mark.ray

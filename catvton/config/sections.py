@@ -21,6 +21,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from catvton.config.inference import InferConfig, infer_problems
 from catvton.schema import GROUPS, HUB_DATASET_ID, VIEW_NAMES
 
 
@@ -181,16 +182,6 @@ class TrainConfig:
 
 
 @dataclass
-class InferConfig:
-    steps: int = 28
-    """Denoising steps at inference (30-50 in CatVTON-Flux's demo)."""
-    guidance: float = 30.0
-    """Guidance at inference; a model trained from scratch needs the training value."""
-    seed: int = 0
-    """Seed of the initial noise."""
-
-
-@dataclass
 class RunOptions:
     name: str = "catvton-lora"
     """Run name: re-using a name resumes that run from its latest checkpoint, on to this config's
@@ -339,8 +330,7 @@ def validate(cfg: Config) -> list[str]:
     for name in ("val_every", "checkpoint_every", "keep_checkpoints", "val_batches"):
         if getattr(t, name) < 1:
             p.append(f"train.{name}={getattr(t, name)}: must be at least 1")
-    if cfg.infer.steps < 1:
-        p.append(f"infer.steps={cfg.infer.steps}: must be at least 1")
+    p += infer_problems(cfg.infer)
     if cfg.run.wandb_mode not in ("offline", "online", "disabled"):
         p.append(f"run.wandb_mode={cfg.run.wandb_mode!r}: choose offline, online or disabled")
     if cfg.run.wandb_mode == "online" and not cfg.run.wandb_project:

@@ -5,12 +5,17 @@ diffusers' ``FluxFillPipeline`` regenerates the whole canvas, then the generated
 pasted back only inside the mask on the person half, as CatVTON does, so every unmasked pixel
 of the output is the input's.
 
+:meth:`TryOn.load` is where every inference path (server replicas, evaluation, Ray Data batch
+inference) gets its pipeline, so the speed levers of ``cfg.infer`` (step caching, a fused LoRA,
+torch.compile) are applied there, once (:mod:`catvton.infer.levers`).
+
 Arrays: canvases ``(N, H, 2W, 3)`` float32 in [0, 1], masks ``(N, H, 2W)`` in {0, 1} (zero
 over the garment half).
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Sequence
 
@@ -20,29 +25,58 @@ from PIL import Image, ImageDraw
 
 from catvton.config import Config
 from catvton.data.canvas import to_uint8
+from catvton.infer.levers import StepCache, apply_levers, calibrate_mag_ratios, probe_canvas
 from catvton.model.loading import load_pipeline, resolve_base
 
 
 class TryOn:
-    """A loaded pipeline and the prompt's embeddings (computed once)."""
+    """A loaded pipeline and the prompt's embeddings (computed once); ``cache``: the step cache
+    armed around each call (None: every step a full pass); ``levers``: what :meth:`load` applied."""
 
     def __init__(self, pipe, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor, cfg: Config):
         self.pipe = pipe
         self.prompt_embeds = prompt_embeds
         self.pooled = pooled_prompt_embeds
         self.cfg = cfg
+        self.cache: StepCache | None = None
+        self.levers: dict = {"cache": "none", "fused_lora": False, "compiled": False}
+        self._levers_applied = False
 
     @classmethod
     def load(cls, cfg: Config, lora: str | Path | None = None, device: str = "cpu",
              dtype: torch.dtype = torch.float32) -> "TryOn":
-        """Base (+ transformer override) from the config, plus a LoRA folder if given."""
+        """Base (+ transformer override) from the config, plus a LoRA folder if given, with the
+        levers of ``cfg.infer`` applied (:func:`~catvton.infer.levers.apply_levers`)."""
         pipe = load_pipeline(cfg.model.base, cfg.model.transformer_override, torch_dtype=dtype, device=device)
         if lora is not None:
             pipe.load_lora_weights(str(lora))
+        pipe.set_progress_bar_config(disable=True)
         with torch.no_grad():
             prompt, pooled, _ = pipe.encode_prompt(cfg.model.prompt, prompt_2=None, device=device,
                                                    max_sequence_length=cfg.model.max_sequence_length)
-        return cls(pipe, prompt, pooled, cfg)
+        return cls(pipe, prompt, pooled, cfg).with_levers(device, lora_loaded=lora is not None)
+
+    def with_levers(self, device: str | torch.device, lora_loaded: bool) -> "TryOn":
+        """This try-on with the levers of ``cfg.infer`` applied to its pipeline (once: fusing twice
+        would add the LoRA twice)."""
+        if self._levers_applied:
+            raise RuntimeError("the levers are already applied to this pipeline")
+        self._levers_applied = True
+        self.cache, self.levers = apply_levers(self.pipe, self.cfg.infer, device, lora_loaded, self.calibrate_mag)
+        return self
+
+    def calibrate_mag(self, steps: int, canvases: np.ndarray | None = None, masks: np.ndarray | None = None) -> list[float]:
+        """MagCache's magnitude ratios of this pipeline at ``steps`` steps, measured on ``canvases``
+        (one uncached batch call: their average), or on a seeded noise canvas when none is given."""
+        if canvases is None:
+            canvases, masks = probe_canvas(self.cfg.canvas.half_height, self.cfg.canvas.half_width, self.cfg.infer.seed)
+        cache, self.cache = self.cache, None
+        if cache is not None:
+            cache.disarm()  # calibration needs every block to run
+        try:
+            return calibrate_mag_ratios(self.pipe.transformer, steps, lambda: self.fill_canvases(canvases, masks, steps=steps))
+        finally:
+            self.cache = cache
 
     @classmethod
     def from_parts(cls, cfg: Config, transformer: torch.nn.Module,
@@ -91,16 +125,18 @@ class TryOn:
         device = self.prompt_embeds.device
         image = torch.from_numpy(np.ascontiguousarray(canvases.transpose(0, 3, 1, 2))).float()
         mask = torch.from_numpy(np.ascontiguousarray(masks[:, None])).float()
-        out = self.pipe(
-            image=image, mask_image=mask, height=h, width=w2,
-            prompt_embeds=self.prompt_embeds.expand(n, -1, -1),
-            pooled_prompt_embeds=self.pooled.expand(n, -1),
-            num_inference_steps=steps or self.cfg.infer.steps,
-            guidance_scale=self.cfg.infer.guidance if guidance is None else guidance,
-            generator=generator,
-            max_sequence_length=self.cfg.model.max_sequence_length,
-            output_type="np",
-        ).images  # (N, H, 2W, 3) float in [0, 1]
+        steps = steps or self.cfg.infer.steps
+        with self.cache.around(steps) if self.cache is not None else contextlib.nullcontext():
+            out = self.pipe(
+                image=image, mask_image=mask, height=h, width=w2,
+                prompt_embeds=self.prompt_embeds.expand(n, -1, -1),
+                pooled_prompt_embeds=self.pooled.expand(n, -1),
+                num_inference_steps=steps,
+                guidance_scale=self.cfg.infer.guidance if guidance is None else guidance,
+                generator=generator,
+                max_sequence_length=self.cfg.model.max_sequence_length,
+                output_type="np",
+            ).images  # (N, H, 2W, 3) float in [0, 1]
         return paste_back(canvases, masks, np.asarray(out, dtype=np.float32))
 
 

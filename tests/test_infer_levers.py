@@ -1,0 +1,150 @@
+"""The inference levers of ``cfg.infer`` (catvton.infer.levers, applied in TryOn.load): bad values are
+refused with the fix named, ``cache=none`` changes nothing, every cache kind really skips transformer
+work on the tiny base, and a fused LoRA gives the unfused LoRA's image (and not the base's).
+
+Tiny base (no alpha), 32x32 halves, 8 steps (the tiny preset's), a random LoRA: seconds each. Nothing
+here is timed: bench/tryon_speed.py measures the speed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import tiny_fill_case
+
+from catvton.config import ConfigError, config_from_dict, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 8
+FUSED_TOLERANCE = 1e-4
+"""Largest pixel difference (of [0, 1]) allowed between a fused and an unfused LoRA try-on: float32
+rounding of W + BA folded once vs applied as two matmuls; 1/40 of one 8-bit level."""
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A config on the tiny base at 32x32 halves, a random LoRA on it, and two canvases."""
+    return tiny_fill_case(tmp_path_factory.mktemp("lora"), n=2, steps=STEPS)
+
+
+def _with(cfg, **infer):
+    c = config_from_dict(cfg.to_dict())
+    for k, v in infer.items():
+        setattr(c.infer, k, v)
+    return c
+
+
+def _run(tryon, canvas, mask, steps=STEPS):
+    """Results of one try-on per canvas (own seed each) and the transformer work counted."""
+    from catvton.infer.levers import PassCounter
+
+    with PassCounter(tryon.pipe.transformer) as counter:
+        out = np.concatenate([tryon.fill_canvases(canvas[i:i + 1], mask[i:i + 1], seed=i, steps=steps)
+                              for i in range(len(canvas))])
+    return out, counter
+
+
+def test_bad_lever_values_are_refused_all_at_once_with_the_fix():
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs/tiny.yaml", ["infer.cache=teacache", "infer.first_block_threshold=0",
+                                                 "infer.taylorseer_interval=0", "infer.mag_retention=1.5",
+                                                 "infer.mag_ratios=[1.0, -0.5]"])
+    text = str(e.value)
+    assert "infer.cache='teacache': choose from ['none', 'first_block', 'taylorseer', 'mag']" in text
+    assert "infer.first_block_threshold=0.0: must be positive" in text and "infer.cache=none" in text
+    assert "infer.taylorseer_interval=0: must be at least 1" in text
+    assert "infer.mag_retention=1.5" in text and "infer.mag_ratios=[1.0, -0.5]" in text
+    assert len(e.value.problems) == 5
+    with pytest.raises(ConfigError, match="did you mean infer.fuse_lora"):
+        load_config(ROOT / "configs/tiny.yaml", ["infer.fuse_loras=true"])
+
+
+def test_compile_on_a_cpu_is_refused_before_anything_is_touched():
+    from catvton.config import InferConfig
+    from catvton.infer.levers import apply_levers
+
+    with pytest.raises(ConfigError, match="infer.compile=true needs a CUDA device.*set infer.compile=false"):
+        apply_levers(None, InferConfig(compile=True), "cpu", lora_loaded=False)
+
+
+def test_cache_none_is_bit_identical_to_the_plain_pipeline_call(tiny):
+    """``none`` (the default) adds nothing around the call: the same pixels as diffusers' own call."""
+    import torch
+
+    from catvton.infer.tryon import TryOn, paste_back
+
+    cfg, lora, canvas, mask = tiny
+    tryon = TryOn.load(cfg, lora=lora)
+    assert tryon.cache is None and tryon.levers == {"cache": "none", "fused_lora": False, "compiled": False}
+    out, counter = _run(tryon, canvas[:1], mask[:1])
+    plain = tryon.pipe(image=torch.from_numpy(canvas[:1].transpose(0, 3, 1, 2).copy()),
+                       mask_image=torch.from_numpy(mask[:1, None].copy()), height=32, width=64,
+                       prompt_embeds=tryon.prompt_embeds, pooled_prompt_embeds=tryon.pooled,
+                       num_inference_steps=STEPS, guidance_scale=cfg.infer.guidance,
+                       generator=torch.Generator().manual_seed(0), max_sequence_length=cfg.model.max_sequence_length,
+                       output_type="np").images
+    assert np.array_equal(out, paste_back(canvas[:1], mask[:1], plain.astype(np.float32)))
+    assert (counter.calls, counter.full, counter.passes) == (STEPS, STEPS, STEPS)
+
+
+@pytest.mark.parametrize("kind, settings", [
+    ("first_block", dict(first_block_threshold=1e9)),   # any change is "small": only step 0 runs every block
+    ("taylorseer", dict(taylorseer_interval=3, taylorseer_warmup=1)),  # full passes at steps 0, 2, 5
+    ("mag", dict(mag_threshold=1e9, mag_max_skip=3, mag_retention=0.0)),  # ratios calibrated at load
+])
+def test_every_cache_kind_skips_transformer_work_on_the_tiny_base(tiny, kind, settings):
+    from catvton.infer.tryon import TryOn
+
+    cfg, lora, canvas, mask = tiny
+    uncached, _ = _run(TryOn.load(cfg, lora=lora), canvas, mask)
+    tryon = TryOn.load(_with(cfg, cache=kind, **settings), lora=lora)
+    out, counter = _run(tryon, canvas, mask)
+    n = len(canvas)
+    assert counter.calls == n * STEPS, "the pipeline still takes every step"
+    assert counter.full < n * STEPS and counter.passes < n * STEPS, (kind, counter.full, counter.passes)
+    expected_full = {"first_block": 1, "taylorseer": 3, "mag": 2}[kind] * n  # mag: steps 0 and 4 (max 3 skipped)
+    assert counter.full == expected_full, (kind, counter.full)
+    m = mask.astype(bool)
+    assert np.isfinite(out).all() and np.array_equal(out[~m], canvas[~m]), "unmasked pixels are the input's"
+    assert np.abs(out - uncached)[m].max() > 1e-4, "skipped work changes the result"
+    if kind == "mag":
+        ratios = tryon.levers["mag_ratios"]
+        assert len(ratios) == STEPS and ratios[0] == 1.0 and all(r > 0 for r in ratios)
+        _, fewer = _run(tryon, canvas[:1], mask[:1], steps=4)  # another step count re-arms the schedule
+        assert fewer.calls == 4 and fewer.full == 1
+
+
+def test_a_fused_lora_gives_the_unfused_image_and_leaves_no_adapter_layers(tiny):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from catvton.infer.tryon import TryOn
+
+    cfg, lora, canvas, mask = tiny
+    unfused, _ = _run(TryOn.load(cfg, lora=lora), canvas, mask)
+    fused_tryon = TryOn.load(_with(cfg, fuse_lora=True), lora=lora)
+    fused, counter = _run(fused_tryon, canvas, mask)
+    base, _ = _run(TryOn.load(cfg), canvas, mask)
+    assert fused_tryon.levers["fused_lora"] is True
+    assert not any(isinstance(m, BaseTunerLayer) for m in fused_tryon.pipe.transformer.modules()), \
+        "the fused model runs the base's modules only"
+    assert np.abs(fused - unfused).max() <= FUSED_TOLERANCE
+    assert np.abs(fused - base).max() > 100 * FUSED_TOLERANCE, "the LoRA is applied"
+    assert counter.full == len(canvas) * STEPS
+    # without a LoRA there is nothing to fold in: the base runs as it is
+    assert TryOn.load(_with(cfg, fuse_lora=True)).levers["fused_lora"] is False
+
+
+def test_serving_and_evaluation_take_the_levers_from_the_config(tiny):
+    """Both build their pipeline through TryOn.load: the levers come with the model config."""
+    from catvton.eval.generate import TryOnPredictor
+    from catvton.infer.serving import ServeConfig, TryOnService
+
+    cfg, lora, canvas, mask = tiny
+    service = TryOnService.load(ServeConfig(lora=[str(lora)], device="cpu", overrides=[
+        f"model.base={cfg.model.base}", "model.transformer_override=null", "infer.fuse_lora=true",
+        "infer.cache=taylorseer"]))
+    assert service.tryon.levers["fused_lora"] is True and service.tryon.levers["cache"] == "taylorseer"
+    predictor = TryOnPredictor(_with(cfg, cache="first_block").to_dict(), lora=str(lora))
+    assert predictor.tryon.levers["cache"] == "first_block" and predictor.tryon.cache is not None
