@@ -10,7 +10,9 @@ planner's model FLOPs, forward + backward, over the GPU's dense bf16 peak; HFU a
 forward) and the planner's memory prediction error. Then a 28-step try-on (``FluxFillPipeline``,
 random-weight FLUX VAE, precomputed prompt embeddings) at the same canvas. Levers, each a row of
 its own at batch 1: the SDPA kernels (flash, efficient, cudnn), ``torch.compile`` of every block,
-and fewer recomputed blocks where the planner says the memory allows.
+and fewer recomputed blocks where the planner says the memory allows; for the try-on, the
+inference levers of ``infer`` (step caches first_block, taylorseer, mag at their defaults; a fused
+LoRA) applied by the serving code (``catvton.infer.levers``), transformer passes counted.
 
     python bench/full_size_step.py --out outputs/bench/full_size.json        # on a GPU (~10 min)
     python bench/full_size_step.py --rows base --no-tryon                     # the four base rows only
@@ -18,7 +20,8 @@ and fewer recomputed blocks where the planner says the memory allows.
 
 Rows that run out of memory are recorded as OOM, a lever the card cannot run (an SDPA kernel
 it lacks) as ERROR with the message; neither stops the other rows. Results go to docs/PERFORMANCE.md
-with the card's name (printed). No timing is asserted anywhere.
+with the card's name (printed). No timing is asserted anywhere. The module is long because it is one
+benchmark: the training rows, their planner figures and the try-on rows share its builders.
 """
 
 from __future__ import annotations
@@ -297,12 +300,21 @@ def keep_blocks_for(shape: Shape, batch: int, gpu: str | None, device) -> int:
     return max(0, min(57, int(free // per_block)))
 
 
-def time_tryon(shape: Shape, device, dtype, steps: int) -> dict:
+TRYON_LEVERS = {"none": {}, "first_block": dict(cache="first_block"), "taylorseer": dict(cache="taylorseer"),
+                "mag": dict(cache="mag"), "fused": dict(fuse_lora=True)}
+"""The try-on rows: ``infer`` fields over ``InferConfig()``'s defaults (thresholds included), applied by
+the serving code's :func:`~catvton.infer.levers.apply_levers`; ``mag`` calibrates its ratios first."""
+
+
+def time_tryon(shape: Shape, device, dtype, steps: int, lever: str = "none") -> dict:
     """A ``steps``-step try-on through ``FluxFillPipeline`` at the canvas: random-weight transformer
     with the LoRA attached, FLUX's VAE shape, precomputed prompt embeddings (T5/CLIP left out: the
-    service encodes its one prompt once)."""
+    service encodes its one prompt once); ``lever``: a :data:`TRYON_LEVERS` row. With random weights
+    the passes that first_block and mag skip are not the real model's: read their seconds per pass."""
     from diffusers import AutoencoderKL, FluxFillPipeline
 
+    from catvton.config import InferConfig
+    from catvton.infer.levers import PassCounter, apply_levers, calibrate_mag_ratios
     from catvton.offline.tiny_base import build_scheduler
     from catvton.train import engine as S
 
@@ -319,23 +331,29 @@ def time_tryon(shape: Shape, device, dtype, steps: int) -> dict:
     image = torch.rand(1, 3, H, W2)
     mask = torch.zeros(1, 1, H, W2)
     mask[:, :, H // 3:, W2 // 2:] = 1
+    cache = None
 
     def run(n: int):
-        with torch.no_grad():
+        with torch.no_grad(), cache.around(n) if cache is not None else contextlib.nullcontext():
             return pipe(image=image, mask_image=mask, prompt_embeds=text.prompt, pooled_prompt_embeds=text.pooled,
                         height=H, width=W2, num_inference_steps=n, guidance_scale=30.0, output_type="np",
                         generator=torch.Generator().manual_seed(0), max_sequence_length=shape.text_tokens).images
 
+    infer = InferConfig(steps=steps, **TRYON_LEVERS[lever])
+    cache, applied = apply_levers(pipe, infer, device, lora_loaded=True,
+                                  calibrate=lambda n: calibrate_mag_ratios(model, n, lambda: run(n)))
     run(1)  # warm-up: kernels, allocator
     reset_memory(device)
     sync(device)
     t0 = time.perf_counter()
-    out = run(steps)
+    with PassCounter(pipe.transformer) as counter:
+        out = run(steps)
     sync(device)
     sec = time.perf_counter() - t0
-    result = {"steps": steps, "seconds": sec, "sec_per_step": sec / steps, "peak_bytes": peak_memory(device),
-              "output_shape": list(out.shape), "finite": bool(torch.isfinite(torch.as_tensor(out)).all())}
-    pipe = model = vae = None  # release them (run() holds pipe) for reset_memory to free
+    result = {"lever": lever, "steps": steps, "seconds": sec, "sec_per_step": sec / steps, "passes": counter.passes,
+              "fused_lora": applied["fused_lora"], "peak_bytes": peak_memory(device), "output_shape": list(out.shape),
+              "finite": bool(torch.isfinite(torch.as_tensor(out)).all())}
+    pipe = model = vae = cache = None  # release them (run() holds pipe) for reset_memory to free
     reset_memory(device)
     return result
 
@@ -357,11 +375,11 @@ def run(shape: Shape, device: torch.device, rows: str, steps: int, warmup: int, 
         row = add_plan(time_row(shape, device, dtype, steps=steps, warmup=warmup, **spec), shape, gpu)
         result["rows"].append(row)
         log(format_row(row))
-    if tryon_steps:
-        result["tryon"] = time_tryon(shape, device, dtype, tryon_steps)
-        t = result["tryon"]
-        log(f"try-on, {t['steps']} steps: {t['seconds']:.2f} s ({t['sec_per_step']:.3f} s/step), "
-            f"peak {t['peak_bytes'] / 1e9:.1f} GB")
+    for lever in (TRYON_LEVERS if rows == "all" else ["none"]) if tryon_steps else []:
+        t = time_tryon(shape, device, dtype, tryon_steps, lever)
+        result.setdefault("tryon", []).append(t)
+        log(f"try-on {lever:11s} {t['steps']} steps: {t['seconds']:.2f} s ({t['sec_per_step']:.3f} s/step, "
+            f"{t['passes']:.1f} passes), peak {t['peak_bytes'] / 1e9:.1f} GB")
     return result
 
 

@@ -1,7 +1,7 @@
 """bench/full_size_step.py without a GPU: the full-size model built through the training code on
 the meta device (parameter counts), every benchmark path run at a tiny size on CPU (rows, levers,
-try-on), and the planner figures it reports (MFU, prediction error) checked against the planner.
-The GPU figures themselves: docs/PERFORMANCE.md ("not measured" until a GPU run)."""
+the try-on with each inference lever), and the planner figures it reports (MFU, prediction error)
+checked against the planner. The GPU figures themselves: docs/PERFORMANCE.md ("not measured" until a GPU run)."""
 
 from __future__ import annotations
 
@@ -106,11 +106,21 @@ def test_recompute_wrapper_gives_the_same_gradients():
     assert all(torch.allclose(a, p.grad) for a, p in zip(plain, block.parameters()))
 
 
-def test_tryon_runs_the_fill_pipeline_at_the_canvas():
-    t = B.time_tryon(B.TINY, CPU, torch.float32, steps=2)
-    assert t["steps"] == 2 and t["seconds"] > 0
+@pytest.mark.parametrize("lever", list(B.TRYON_LEVERS))
+def test_tryon_runs_the_fill_pipeline_at_the_canvas_with_each_lever(lever):
+    """Each try-on row runs with its lever applied by the serving code, its passes counted."""
+    steps = 6
+    t = B.time_tryon(B.TINY, CPU, torch.float32, steps=steps, lever=lever)
+    assert t["lever"] == lever and t["steps"] == steps and t["seconds"] > 0
     assert t["output_shape"] == [1, B.TINY.half_height, 2 * B.TINY.half_width, 3]
     assert t["finite"]
+    assert t["fused_lora"] is (lever == "fused")
+    if lever in ("none", "fused"):
+        assert t["passes"] == steps
+    elif lever == "taylorseer":  # defaults: 2 warm-up steps, then every 3rd: full passes at steps 0, 1, 3
+        assert t["passes"] == 3
+    else:  # first_block and mag skip what random weights let them skip; never more passes than steps
+        assert 0 < t["passes"] <= steps
 
 
 def test_reported_mfu_and_prediction_error_are_the_planners():
