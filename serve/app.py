@@ -3,12 +3,15 @@
     serve run serve/config.yaml                      # local: tiny base + the trained LoRA
     ray start --head && serve deploy serve/config.yaml   # onto a running Ray cluster
 
-Routes: ``POST /v1/tryon`` (multipart; PNG, or JSON with a base64 PNG), ``GET /v1/info``,
-``GET /healthz``, ``GET /`` (the try-on page), ``GET /docs`` and ``/openapi.json``.
+Routes: ``POST /v1/tryon`` (multipart; a JPEG, WebP or PNG, or JSON with it in base64),
+``GET /v1/info``, ``GET /healthz``, ``GET /`` (the try-on page), ``GET /docs`` and ``/openapi.json``.
 
 Two deployments, so that each scales on its own: ``TryOnIngress`` (checks the key, the body size
-and every field, decodes the images: cheap, no model) and ``TryOnModel`` (base + LoRA + parser
-loaded once per replica, ``@serve.batch`` over requests of one size). Overload: the ingress holds
+and every field, decodes each image once, pastes the try-on back onto the upload and encodes the
+answer: the pixel work of a 12 MP photo, no model) and ``TryOnModel`` (base + LoRA + parser
+loaded once per replica; requests that arrive while a batch runs go together,
+:class:`catvton.infer.batching.Batcher`). Between the two travel arrays at the resolution the
+model needs, never the upload's 12 MP nor re-encoded images. Overload: the ingress holds
 at most ``max_queued_requests`` of the model's requests waiting; beyond that Serve raises
 ``BackPressureError`` at once and the client gets 503 with ``Retry-After`` instead of a queue
 that grows without bound. Everything that decides a picture is library code
@@ -22,6 +25,8 @@ import base64
 import hmac
 import json
 import logging
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -34,7 +39,9 @@ from ray.serve.config import BackpressureConfig
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from catvton.infer.request import InputError, decode_image, decode_mask, parse_size, png_bytes
+from catvton.infer.batching import Batcher
+from catvton.infer.request import (FORMATS, InputError, Photo, encode_image, paste_generated, parse_size, read_mask,
+                                   read_photo)
 from catvton.infer.serving import ServeConfig, TryOnService, serve_config_from_dict
 from catvton.offline import resolve
 
@@ -182,7 +189,17 @@ def create_api(settings: ServeConfig, backend: Backend) -> FastAPI:
                          "max_image_pixels": settings.max_image_pixels, "min_image_side": settings.min_image_side,
                          "max_half_pixels": settings.max_half_pixels, "max_steps": settings.max_steps}
         out["auth"] = bool(key)
+        out["formats"] = list(FORMATS)
+        out["default_format"] = "the person upload's: jpeg for a JPEG, webp for a WebP, png for any other"
         return out
+
+    canvas: dict[str, Any] = {}
+
+    async def model_canvas() -> dict[str, Any]:
+        """The model's canvas (half size, person fit), asked once: it sets how far uploads are reduced."""
+        if not canvas:
+            canvas.update((await backend.info())["canvas"])
+        return canvas
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
@@ -193,7 +210,7 @@ def create_api(settings: ServeConfig, backend: Backend) -> FastAPI:
         summary="Try a garment on a person",
         response_class=Response,
         responses={
-            200: {"content": {"image/png": {}, "application/json": {}},
+            200: {"content": {**{t: {} for t in FORMATS.values()}, "application/json": {}},
                   "description": "The person wearing the garment, at the person photo's size"},
             401: {"description": "Missing or wrong API key"},
             413: {"description": "Body or image too large (`field` names it)"},
@@ -212,45 +229,83 @@ def create_api(settings: ServeConfig, backend: Backend) -> FastAPI:
         guidance: float | None = Form(None, ge=0.0, le=100.0, description="Guidance"),
         seed: int | None = Form(None, ge=0, le=2**32 - 1, description="Noise seed"),
         size: str | None = Form(None, max_length=16, description="Canvas half WIDTHxHEIGHT, multiples of 16"),
-        output: Literal["png", "json"] = Form("png", description="png: image/png; json: base64 PNG + metadata"),
+        image_format: Literal["jpeg", "webp", "png"] | None = Form(
+            None, alias="format", description="Answer format; default: the person upload's (a JPEG for a "
+                                              "JPEG, a PNG for a PNG). png: lossless, slow at 12 MP"),
+        output: Literal["image", "json", "png"] = Form("image", description="image: the picture itself; json: "
+                                                       "base64 + metadata; png: the same as image with format=png"),
     ) -> Response:
+        start = time.perf_counter()
+        if output == "png" and image_format not in (None, "png"):
+            return error(422, "format", f"output=png asks for a PNG but format={image_format}: send output=image")
         try:
-            payload = await run_in_threadpool(_decode, settings, person, garment, mask, garment_type,
-                                              steps, guidance, seed, size)
+            decoded = await run_in_threadpool(_decode, settings, await model_canvas(), person, garment, mask,
+                                              garment_type, steps, guidance, seed, size)
+            sent = time.perf_counter()
+            turned = asyncio.ensure_future(run_in_threadpool(lambda: decoded.person.full))  # while the model runs
+            result = await backend.tryon(decoded.payload)
+            await turned
         except InputError as e:
             return error(e.status, e.field, e.message)
-        try:
-            result = await backend.tryon(payload)
         except Overloaded as e:
             retry = str(int(np.ceil(e.retry_after_s if e.retry_after_s is not None else settings.retry_after_s)))
             return error(503, None, "the model's queue is full: retry later", headers={"Retry-After": retry})
         if "error" in result:
             return error(result["status"], result["error"]["field"], result["error"]["error"])
-        image = result["image"]
-        png = await run_in_threadpool(png_bytes, image)
+        back = time.perf_counter()
+        fmt = image_format or ("png" if output == "png" else decoded.person.format)
+        body, spans = await run_in_threadpool(_answer, decoded, result, fmt)
+        # where the time went (ms), for browsers' dev tools and bench/big_photo.py: decode, the model
+        # replica's prepare and model (the pipeline call of the request's batch), paste and encode
+        spans = {"decode": sent - decoded.started, "prepare": result["prepare_s"], "model": result["model_s"],
+                 "call": back - sent, **spans, "total": time.perf_counter() - start}
         meta = {"seed": result["seed"], "steps": result["steps"], "guidance": result["guidance"],
                 "mask_source": result["mask_source"], "garment_type": garment_type}
+        width, height = decoded.person.size
         if output == "json":
-            return JSONResponse({"image_png_base64": base64.b64encode(png).decode(), "width": image.shape[1],
-                                 "height": image.shape[0], **meta})
-        return Response(png, media_type="image/png",
-                        headers={f"X-Tryon-{k.replace('_', '-').title()}": str(v) for k, v in meta.items()})
+            # image_png_base64 for a PNG, as before `format` existed; image_jpeg_base64 ... otherwise
+            return JSONResponse({f"image_{fmt}_base64": base64.b64encode(body).decode(), "media_type": FORMATS[fmt],
+                                 "width": width, "height": height, **meta})
+        headers = {f"X-Tryon-{k.replace('_', '-').title()}": str(v) for k, v in meta.items()}
+        headers["Server-Timing"] = ", ".join(f"{k};dur={v * 1000:.1f}" for k, v in spans.items())
+        return Response(body, media_type=FORMATS[fmt], headers=headers)
 
     return app
 
 
-def _decode(settings: ServeConfig, person: UploadFile, garment: UploadFile,
-            mask: UploadFile | None, garment_type: str, steps, guidance, seed, size) -> dict[str, Any]:
-    """Read and check every field (in a thread: decoding large images takes time)."""
+@dataclass
+class Decoded:
+    """A request's fields, read and checked: the person photo kept here, the model's part in ``payload``."""
+
+    person: Photo
+    payload: dict[str, Any]
+    started: float
+
+
+def _decode(settings: ServeConfig, canvas: dict[str, Any], person: UploadFile, garment: UploadFile,
+            mask: UploadFile | None, garment_type: str, steps, guidance, seed, size) -> Decoded:
+    """Read and check every field (in a thread: decoding large images takes time). Each image is
+    decoded once; the model gets copies at the resolution its canvas needs."""
+    started = time.perf_counter()
     if steps is not None and steps > settings.max_steps:
         raise InputError("steps", f"steps={steps}: at most {settings.max_steps}")
     limits = settings.limits
-    p = decode_image(person.file.read(), "person", limits)
-    g = decode_image(garment.file.read(), "garment", limits)
-    m = decode_mask(mask.file.read(), "mask", limits, p.shape[:2]) if mask is not None else None
     half_hw = parse_size(size, settings.max_half_pixels)
-    return {"person": p, "garment": g, "mask": m, "group": garment_type, "seed": seed, "steps": steps,
-            "guidance": guidance, "half_hw": half_hw}
+    half = half_hw or (canvas["half_height"], canvas["half_width"])
+    p = read_photo(person.file.read(), "person", limits, half, canvas["person_fit"])
+    g = read_photo(garment.file.read(), "garment", limits, half, "pad")  # garment_cutout pads
+    m = read_mask(mask.file.read(), "mask", limits, p) if mask is not None else None
+    return Decoded(p, {"person": p.work, "garment": g.work, "mask": m, "group": garment_type, "seed": seed,
+                       "steps": steps, "guidance": guidance, "half_hw": half_hw}, started)
+
+
+def _answer(decoded: Decoded, result: dict[str, Any], fmt: str) -> tuple[bytes, dict[str, float]]:
+    """The try-on pasted onto the upload at its own size, encoded; and the seconds each took."""
+    t0 = time.perf_counter()
+    image = paste_generated(decoded.person.full, result["half"], result["general"], result["fit"])
+    t1 = time.perf_counter()
+    body = encode_image(image, fmt, decoded.person.icc_profile)
+    return body, {"paste": t1 - t0, "encode": time.perf_counter() - t1}
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,38 +319,42 @@ def _decode(settings: ServeConfig, person: UploadFile, garment: UploadFile,
     backpressure_config=BackpressureConfig(retry_after_s=2),
 )
 class TryOnModel:
-    """Base + LoRA (+ parser) loaded once; requests of one size and step count batched together."""
+    """Base + LoRA (+ parser) loaded once; requests that arrive while a batch runs go together
+    (one pipeline call per size and step count)."""
 
     def __init__(self, settings: dict[str, Any]):
         self.settings = serve_config_from_dict(settings)
         # offline names (tiny, tiny-alpha) become cached folders; hub ids and folders pass through
         self.service = TryOnService.load(self.settings, prepare=resolve)
-        self.generate_batch.set_max_batch_size(self.settings.max_batch_size)
-        self.generate_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
-        self.batches: list[int] = []  # sizes of recent batches, for /v1/info and the benchmark
+        self.batcher = Batcher(self.generate, self.settings.max_batch_size, self.settings.batch_wait_timeout_s)
 
     async def tryon(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """``payload``: the ingress's arrays at the working size; answers :meth:`TryOnService.reply`
+        plus ``prepare_s`` and ``model_s`` (the pipeline call of the batch this request was in)."""
+        t0 = time.perf_counter()
         try:
             job = await asyncio.to_thread(self.service.prepare, payload["person"], payload["garment"],
                                           payload["mask"], payload["group"], payload["seed"], payload["steps"],
                                           payload["guidance"], payload["half_hw"])
         except InputError as e:
             return {"error": e.to_dict(), "status": e.status}
-        result = await self.generate_batch(job)
-        image = await asyncio.to_thread(self.service.finish, job, result)
-        return {"image": image, "seed": job.seed, "steps": job.steps, "guidance": job.guidance,
-                "mask_source": job.mask_source}
+        prepare_s = time.perf_counter() - t0
+        result, model_s = await self.batcher.submit(job)
+        return {**self.service.reply(job, result), "prepare_s": prepare_s, "model_s": model_s}
 
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
-    async def generate_batch(self, jobs: list) -> list[np.ndarray]:
-        self.batches = (self.batches + [len(jobs)])[-1000:]
+    async def generate(self, jobs: list) -> list[tuple[np.ndarray, float]]:
+        """One batch: canvases and the seconds the pipeline took for all of them."""
+        t0 = time.perf_counter()
         # in a thread: the replica's event loop keeps taking requests (the next batch) meanwhile
-        return await asyncio.to_thread(self.service.generate, jobs)
+        results = await asyncio.to_thread(self.service.generate, jobs)
+        seconds = time.perf_counter() - t0
+        return [(r, seconds) for r in results]
 
     def info(self) -> dict[str, Any]:
         out = self.service.info()
+        sizes = self.batcher.sizes
         out["max_batch_size"] = self.settings.max_batch_size
-        out["recent_batch_sizes"] = {str(k): self.batches.count(k) for k in sorted(set(self.batches))}
+        out["recent_batch_sizes"] = {str(k): sizes.count(k) for k in sorted(set(sizes))}
         return out
 
 
@@ -312,7 +371,12 @@ class _HandleBackend:
             raise Overloaded(e.retry_after_s) from e
 
     async def info(self) -> dict[str, Any]:
-        return await self.handle.info.remote()
+        from ray.serve.exceptions import BackPressureError
+
+        try:
+            return await self.handle.info.remote()
+        except BackPressureError as e:
+            raise Overloaded(e.retry_after_s) from e
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64, max_queued_requests=128,

@@ -1,4 +1,5 @@
-"""Serving without Ray: request decoding and limits, the canvas and its way back, settings, auth.
+"""Serving without Ray: request decoding and limits, the canvas and its way back, settings, auth,
+the model replica's batcher.
 
 The HTTP behaviour against a running Serve instance is in test_serve_api.py; these pin the library
 pieces it is made of, quickly.
@@ -6,6 +7,7 @@ pieces it is made of, quickly.
 
 from __future__ import annotations
 
+import asyncio
 import io
 from pathlib import Path
 
@@ -17,13 +19,15 @@ from serve_helpers import png, png_header_only
 from catvton.config import ConfigError, load_config
 from catvton.data.canvas import build_sample, fit_box, to_uint8
 from catvton.data.masks import general_mask
-from catvton.infer.request import (ImageLimits, InputError, decode_image, decode_mask, parse_size, request_sample,
+from catvton.infer.batching import Batcher
+from catvton.infer.request import (ImageLimits, InputError, parse_size, read_mask, read_photo, request_sample,
                                    to_person_size)
 from catvton.infer.serving import ServeConfig, TryOnService, pick_lora, refuse_pickles, serve_config_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
 LIMITS = ImageLimits(min_side=16, max_side=4096, max_pixels=4_000_000)
+HALF = (128, 96)  # the tiny canvas's half: photos up to twice its size are not reduced
 
 
 def photo(h=120, w=90, seed=0) -> np.ndarray:
@@ -39,29 +43,54 @@ def photo(h=120, w=90, seed=0) -> np.ndarray:
     (png_header_only(5000, 5000), 413, "pixels in all"),
     (png_header_only(100_000, 100_000), 413, "enormous"),
 ])
-def test_decode_image_refuses_bad_uploads_naming_the_field(data, status, words):
+def test_read_photo_refuses_bad_uploads_naming_the_field(data, status, words):
     with pytest.raises(InputError) as e:
-        decode_image(data, "person", LIMITS)
+        read_photo(data, "person", LIMITS, HALF, "crop")
     assert e.value.field == "person" and e.value.status == status
     assert words in e.value.message
 
 
-def test_decode_image_composites_transparency_over_white():
+def test_read_photo_composites_transparency_over_white():
     rgba = np.zeros((20, 20, 4), np.uint8)  # fully transparent
-    out = decode_image(png(rgba), "garment", LIMITS)
-    assert out.shape == (20, 20, 3) and (out == 255).all()
+    out = read_photo(png(rgba), "garment", LIMITS, HALF, "pad")
+    assert out.work.shape == (20, 20, 3) and (out.work == 255).all() and out.full.size == (20, 20)
 
 
-def test_decode_mask_checks_size_and_emptiness():
+def test_read_mask_checks_size_and_emptiness():
+    person = read_photo(png(photo(120, 90)), "person", LIMITS, HALF, "crop")
     m = np.zeros((120, 90), np.uint8)
     with pytest.raises(InputError, match="empty") as e:
-        decode_mask(png(m), "mask", LIMITS, (120, 90))
+        read_mask(png(m), "mask", LIMITS, person)
     assert e.value.field == "mask"
     m[50:100, 20:70] = 255
     with pytest.raises(InputError, match="person photo's size"):
-        decode_mask(png(m), "mask", LIMITS, (100, 90))
-    got = decode_mask(png(m), "mask", LIMITS, (120, 90))
+        read_mask(png(m), "mask", LIMITS, read_photo(png(photo(100, 90)), "person", LIMITS, HALF, "crop"))
+    got = read_mask(png(m), "mask", LIMITS, person)
     assert got.dtype == bool and got.sum() == 50 * 50
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "1", "0/1"])
+def test_read_mask_reads_every_mode_like_the_dataset_masks(mode):
+    """One rule for masks: the request's (in PIL, no full-size array) is the dataset's to_mask."""
+    from catvton.data.validate import to_mask
+
+    rng = np.random.default_rng(5)
+    values = rng.integers(0, 256, (40, 30), dtype=np.uint8)
+    if mode == "0/1":
+        img = Image.fromarray((values > 128).astype(np.uint8))
+    elif mode in ("L", "1", "P"):
+        img = Image.fromarray(values).convert(mode)
+    else:
+        img = Image.fromarray(np.stack([values, values // 2, 255 - values] + ([values] if mode == "RGBA" else []), -1))
+    data = png(np.asarray(img)) if mode != "P" else _png_image(img)
+    person = read_photo(png(photo(40, 30)), "person", LIMITS, HALF, "crop")
+    assert np.array_equal(read_mask(data, "mask", LIMITS, person), to_mask(Image.open(io.BytesIO(data))))
+
+
+def _png_image(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 @pytest.mark.parametrize("size,expect", [(None, None), ("", None), ("96x128", (128, 96)), ("768x1024", (1024, 768))])
@@ -164,11 +193,14 @@ def test_auth_and_body_limit_without_ray():
     from serve.app import create_api
 
     class Backend:
+        """Answers a grey person half over the request's mask, as a model replica's reply would."""
+
         async def tryon(self, payload):
-            return {"image": payload["person"], "seed": 0, "steps": 1, "guidance": 1.0, "mask_source": "request"}
+            return {"half": np.full((128, 96, 3), 128, np.uint8), "general": payload["mask"], "fit": "crop",
+                    "seed": 0, "steps": 1, "guidance": 1.0, "mask_source": "request", "prepare_s": 0.0, "model_s": 0.0}
 
         async def info(self):
-            return {"base": "stand-in"}
+            return {"base": "stand-in", "canvas": {"half_width": 96, "half_height": 128, "person_fit": "crop"}}
 
     client = TestClient(create_api(ServeConfig(api_key="s3cret", max_body_mb=0.5), Backend()))
     assert client.get("/healthz").status_code == 200
@@ -185,8 +217,9 @@ def test_auth_and_body_limit_without_ray():
     ok = client.post("/v1/tryon", headers={"Authorization": "Bearer s3cret"},
                      files={"person": ("p.png", png(photo()), "image/png"), "garment": ("g.png", png(photo()), "image/png"),
                             "mask": ("m.png", png(m), "image/png")}, data={"garment_type": "lower"})
-    assert ok.status_code == 200 and ok.headers["content-type"] == "image/png"
+    assert ok.status_code == 200 and ok.headers["content-type"] == "image/png"  # a PNG upload's default
     assert Image.open(io.BytesIO(ok.content)).size == (90, 120)
+    assert {s.split(";")[0] for s in ok.headers["server-timing"].split(", ")} >= {"decode", "model", "paste", "encode"}
 
 
 def test_only_safetensors_are_loaded(tmp_path):
@@ -202,3 +235,44 @@ def test_only_safetensors_are_loaded(tmp_path):
     (base / "transformer" / "diffusion_pytorch_model.bin").write_bytes(b"pickle")
     with pytest.raises(ConfigError, match="pickled weights"):
         refuse_pickles(base, "model")
+
+
+# ---------------------------------------------------------------------------------------------
+# The batcher: lone requests never wait; requests that arrive during a batch go together
+
+
+def test_batcher_runs_a_lone_request_at_once_and_groups_those_that_wait():
+    calls: list[list[int]] = []
+
+    async def run(items):
+        calls.append(list(items))
+        await asyncio.sleep(0.05)  # the model, busy
+        return [i * 10 for i in items]
+
+    async def scenario():
+        batcher = Batcher(run, max_size=3)
+        first = asyncio.ensure_future(batcher.submit(0))
+        await asyncio.sleep(0)  # the worker takes it alone
+        await asyncio.sleep(0)
+        rest = [asyncio.ensure_future(batcher.submit(i)) for i in range(1, 6)]
+        return await asyncio.gather(first, *rest), batcher.sizes
+
+    results, sizes = asyncio.run(scenario())
+    assert results == [0, 10, 20, 30, 40, 50]
+    assert calls == [[0], [1, 2, 3], [4, 5]], "arrival order, at most max_size, no waiting alone"
+    assert sizes == [1, 3, 2]
+
+
+def test_batcher_gives_each_request_of_a_failed_batch_the_error_and_keeps_serving():
+    async def run(items):
+        if "bad" in items:
+            raise ValueError("boom")
+        return items
+
+    async def scenario():
+        batcher = Batcher(run, max_size=4)
+        failed = await asyncio.gather(batcher.submit("bad"), return_exceptions=True)
+        return failed, await batcher.submit("good")
+
+    failed, good = asyncio.run(scenario())
+    assert isinstance(failed[0], ValueError) and good == "good"

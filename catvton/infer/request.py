@@ -2,13 +2,20 @@
 
 The server's input path, kept free of any web framework so that it is tested without one:
 
-- :func:`decode_image` / :func:`decode_mask` read an upload with limits checked *before* pixels are
-  decoded (a 60000x60000 PNG is a few KB of header), and raise :class:`InputError` naming the field;
+- :func:`read_photo` / :func:`read_mask` read an upload with limits checked *before* pixels are
+  decoded (a 60000x60000 PNG is a few KB of header), raise :class:`InputError` naming the field,
+  turn it upright the way a browser shows it (EXIF orientation), and keep two versions: the
+  upload's own pixels for the answer, and a copy at the resolution the model needs
+  (:func:`work_scale`: twice the canvas's), so a 12-megapixel phone photo costs the model what a
+  small one costs;
 - :func:`request_sample` puts the person and garment on the training canvas with
   :func:`catvton.data.canvas.build_sample`, so a request's mask is generalised by exactly the rule
   the LoRA was trained with (``mask.<group>_rule``);
-- :func:`to_person_size` maps the generated person half back onto the person's own photo, at its
-  own size: outside the general mask every pixel is the uploaded one.
+- :func:`paste_generated` maps the generated person half back onto the upload at its own size,
+  touching only the general mask's box: outside the general mask every pixel is the uploaded one;
+- :func:`encode_image` writes the answer as JPEG, WebP or PNG; by default in the person upload's
+  format (:attr:`Photo.format`): a phone's JPEG comes back as a JPEG (fast at 12 MP), a PNG as a
+  PNG (every answer was a PNG before the choice existed).
 
 Arrays: photos ``(h, w, 3)`` uint8, masks ``(h, w)`` bool, canvases as in :mod:`catvton.data.canvas`.
 """
@@ -16,20 +23,37 @@ Arrays: photos ``(h, w, 3)`` uint8, masks ``(h, w)`` bool, canvases as in :mod:`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
+import math
 import re
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageChops, UnidentifiedImageError
 
 from catvton.config import CanvasConfig, Config
 from catvton.data.canvas import TryOnSample, build_sample, fit_box, to_uint8
 from catvton.data.masks import general_mask
-from catvton.data.validate import png_bytes, to_mask, to_rgb  # noqa: F401 (png_bytes: the API's encoder)
+from catvton.data.validate import to_rgb
 
 SIZE_RE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+ORIENTATION = 0x0112
+"""The EXIF tag a phone writes instead of rotating the pixels (6: turn 90 degrees clockwise)."""
+TURNS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+         5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+         8: Image.Transpose.ROTATE_90}
+"""EXIF orientation -> what shows the stored pixels upright (as browsers and PIL's exif_transpose
+do); 1 or any other value: nothing. 5 to 8 swap width and height."""
+FORMATS = {"jpeg": "image/jpeg", "webp": "image/webp", "png": "image/png"}
+"""Answer formats and their media types. PNG is lossless (every pixel outside the mask is the
+upload's) but ~15x slower to encode than JPEG at 12 MP; WebP sits between."""
+UPLOAD_FORMATS = {"JPEG": "jpeg", "MPO": "jpeg", "WEBP": "webp"}
+"""PIL's name of an upload's format -> the answer's default format; any other upload (PNG, BMP,
+TIFF, ...) is answered losslessly, in PNG. MPO: a phone JPEG with a second, embedded image."""
+JPEG_QUALITY = 92
+"""JPEG/WebP quality of an answer: high, since the answer replaces the user's photo."""
 
 
 class InputError(ValueError):
@@ -57,8 +81,37 @@ class ImageLimits:
     """Width x height accepted: checked on the header, before decoding (decompression bombs)."""
 
 
-def _open(data: bytes, field: str, limits: ImageLimits) -> Image.Image:
-    """Open and fully decode ``data``; the size is checked on the header first."""
+@dataclass
+class Photo:
+    """An uploaded photo: the upload's pixels for the answer, a smaller upright copy for the model."""
+
+    stored: Image.Image
+    """RGB, the pixels in the file's order (a phone's portrait photo: sideways)."""
+    orientation: int
+    """Its EXIF orientation (:data:`TURNS`); 1: stored upright."""
+    work: np.ndarray
+    """(h', w', 3) uint8, upright: the photo reduced by :func:`work_scale` (not reduced: ``full``)."""
+    format: str = "png"
+    """The answer's default format: the upload's (:data:`UPLOAD_FORMATS`)."""
+    icc_profile: bytes | None = None
+    """The upload's RGB colour profile, given back with the answer so its colours stay the
+    upload's (a CMYK or grey profile is dropped: the answer is RGB)."""
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(width, height)`` upright: what a browser shows, and what a mask must have."""
+        return _upright_size(self.stored.size, self.orientation)
+
+    @functools.cached_property
+    def full(self) -> Image.Image:
+        """RGB at the upload's upright size: the answer is this image with the try-on pasted in.
+        Turned on first use (~30 ms at 12 MP), which the server does while the model runs."""
+        return upright(self.stored, self.orientation)
+
+
+def _open(data: bytes, field: str, limits: ImageLimits) -> tuple[Image.Image, str | None]:
+    """Open and fully decode ``data`` (as stored: see :func:`upright`), and PIL's name of its
+    format; the size is checked on the header first."""
     if not data:
         raise InputError(field, "empty upload: send a PNG, JPEG or WebP image")
     try:
@@ -81,27 +134,95 @@ def _open(data: bytes, field: str, limits: ImageLimits) -> Image.Image:
                                 f"{limits.max_pixels:,} pixels in all", status=413)
     try:
         img.load()
+        return img, img.format
     except Exception as e:  # truncated or corrupt data: OSError, SyntaxError, zlib errors ...
         raise InputError(field, f"image data is truncated or corrupt ({type(e).__name__}: {e})"[:300]) from e
-    return img
 
 
-def decode_image(data: bytes, field: str, limits: ImageLimits) -> np.ndarray:
-    """An uploaded photo as ``(h, w, 3)`` uint8 (transparency over white), or :class:`InputError`."""
-    return to_rgb(_open(data, field, limits))
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation of an opened image; 1 (upright) when it has none or a bad one."""
+    value = img.getexif().get(ORIENTATION, 1)
+    return value if value in TURNS else 1
 
 
-def decode_mask(data: bytes, field: str, limits: ImageLimits, person_hw: tuple[int, int]) -> np.ndarray:
-    """An uploaded garment mask as ``(h, w)`` bool, read like the dataset's masks
-    (:func:`catvton.data.validate.to_mask`); it must have the person photo's size and mark something."""
-    mask = to_mask(_open(data, field, limits))
-    if mask.shape != tuple(person_hw):
-        raise InputError(field, f"mask is {mask.shape[1]}x{mask.shape[0]} but the person photo is "
-                                f"{person_hw[1]}x{person_hw[0]}: send a mask of the person photo's size")
-    if not mask.any():
+def upright(img: Image.Image, orientation: int) -> Image.Image:
+    """``img`` as a browser shows it: a phone stores a portrait photo landscape with an EXIF
+    orientation, applied here, so that a mask painted on the upright view fits. Upright already:
+    ``img`` itself, no copy."""
+    turn = TURNS.get(orientation)
+    return img if turn is None else img.transpose(turn)
+
+
+def _upright_size(size_wh: tuple[int, int], orientation: int) -> tuple[int, int]:
+    return (size_wh[1], size_wh[0]) if orientation in (5, 6, 7, 8) else size_wh
+
+
+def work_scale(src_hw: tuple[int, int], half_hw: tuple[int, int], fit: str) -> float:
+    """How far a ``src_hw`` photo is reduced for a ``half_hw`` canvas half: until the window
+    :func:`~catvton.data.canvas.fit_box` cuts from it has twice the half's resolution (the canvas
+    is then resampled from at least 2x, as from the full photo), and only when that at least halves
+    the pixels; else 1 (not reduced). A reduced photo's general mask is made at the reduced size
+    (at 12 MP, :func:`~catvton.data.masks.general_mask` takes a minute), so its edge may move by a
+    reduced pixel at the photo's resolution; a photo that would save less keeps the exact edge."""
+    _, _, win_h, _ = fit_box(src_hw, half_hw, fit)
+    scale = 2 * half_hw[0] / win_h
+    return scale if scale * scale <= 0.5 else 1.0
+
+
+def _work_size(size_wh: tuple[int, int], scale: float) -> tuple[int, int]:
+    return max(1, round(size_wh[0] * scale)), max(1, round(size_wh[1] * scale))
+
+
+def read_photo(data: bytes, field: str, limits: ImageLimits, half_hw: tuple[int, int], fit: str) -> Photo:
+    """An uploaded photo, upright (transparency over white), with its copy for a ``half_hw`` canvas
+    half fitted by ``fit``; or :class:`InputError`. Decoded once; a reduced copy is made by PIL
+    (integer reduce, then bilinear), never through a full-size array."""
+    img, fmt = _open(data, field, limits)
+    icc = img.info.get("icc_profile")
+    stored = img if img.mode == "RGB" else Image.fromarray(to_rgb(img))  # to_rgb: the dataset's rule
+    rgb_profile = icc if icc and icc[16:20] == b"RGB " else None  # the ICC header's colour space
+    photo = Photo(stored, exif_orientation(img), np.empty((0, 0, 3), np.uint8), UPLOAD_FORMATS.get(fmt or "", "png"),
+                  rgb_profile)
+    w, h = photo.size
+    scale = work_scale((h, w), half_hw, fit)
+    if scale == 1.0:
+        photo.work = np.asarray(photo.full)
+    else:  # reduced as stored, then turned: the full-size turn is left for later
+        size = _upright_size(_work_size((w, h), scale), photo.orientation)
+        photo.work = np.asarray(upright(stored.resize(size, Image.BILINEAR, reducing_gap=2.0), photo.orientation))
+    return photo
+
+
+def _binary(img: Image.Image) -> Image.Image:
+    """A mask image as ``L`` 0/255, by :func:`catvton.data.validate.to_mask`'s rule (brightest
+    channel; a 0/1 mask read as such, else >= 128), in PIL: no full-size array for a 12 MP mask."""
+    if img.mode in ("RGB", "RGBA", "P", "LA"):
+        r, g, b = img.convert("RGB").split()
+        gray = ImageChops.lighter(ImageChops.lighter(r, g), b)
+    else:
+        gray = img if img.mode == "L" else img.convert("L")
+    threshold = 1 if gray.getextrema()[1] <= 1 else 128
+    return gray.point(lambda v: 255 if v >= threshold else 0)
+
+
+def read_mask(data: bytes, field: str, limits: ImageLimits, photo: Photo) -> np.ndarray:
+    """An uploaded garment mask at ``photo``'s working size, ``(h', w')`` bool, or :class:`InputError`.
+
+    It must have the person photo's upright size (a mask painted on the upright view fits) and
+    mark something. Reduced by area, any coverage counts, so a thin strap is never lost (the
+    general mask widens it anyway)."""
+    img, _ = _open(data, field, limits)
+    mask = upright(_binary(img), exif_orientation(img))
+    if mask.size != photo.size:
+        raise InputError(field, f"mask is {mask.width}x{mask.height} but the person photo is "
+                                f"{photo.size[0]}x{photo.size[1]} (upright): send a mask of the "
+                                "person photo's size")
+    if mask.getbbox() is None:
         raise InputError(field, "mask is empty: mark the garment's region in white (or leave the mask out "
                                 "to have it made automatically, where the server has a parser)")
-    return mask
+    h, w = photo.work.shape[:2]
+    small = mask if (w, h) == mask.size else mask.resize((w, h), Image.BOX, reducing_gap=1.0)  # integer reduce first
+    return np.asarray(small) > 0
 
 
 def parse_size(size: str | None, max_half_pixels: int) -> tuple[int, int] | None:
@@ -138,25 +259,70 @@ def canvas_at(canvas: CanvasConfig, half_hw: tuple[int, int]) -> CanvasConfig:
     return dataclasses.replace(canvas, half_height=half_hw[0], half_width=half_hw[1])
 
 
+def paste_generated(photo: Image.Image, half: np.ndarray, general: np.ndarray, fit: str) -> Image.Image:
+    """``photo`` (changed in place, and returned) with the generated person ``half`` pasted inside
+    the general mask.
+
+    ``half``: ``(H, W, 3)`` uint8, the person half of the generated canvas; ``general``: ``(h', w')``
+    bool, the general mask at the size the canvas was cut from (the photo's working size, which
+    may be smaller than ``photo``). The half covers the window :func:`fit_box` cut there; only the
+    box of the general mask inside that window is resampled (bicubic) to the photo's resolution,
+    and only the pixels under the mask, scaled up bilinearly (smooth at 12 MP), are replaced:
+    every other pixel is the photo's own. At the working size itself (``general`` the photo's
+    size) nothing is resampled and, when the photo has the half's size, the pasted pixels are
+    ``half``'s exactly."""
+    H, W = half.shape[:2]
+    gh, gw = general.shape
+    sy, sx = photo.height / gh, photo.width / gw  # photo pixels per working pixel
+    top, left, win_h, win_w = fit_box((gh, gw), (H, W), fit)
+    rows, cols = np.flatnonzero(general.any(axis=1)), np.flatnonzero(general.any(axis=0))
+    if len(rows) == 0:
+        return photo
+    # the mask's box within the generated window, in working pixels, then in photo pixels
+    y0, y1 = max(rows[0], top), min(rows[-1] + 1, top + win_h)
+    x0, x1 = max(cols[0], left), min(cols[-1] + 1, left + win_w)
+    Y0, Y1 = max(0, math.floor(y0 * sy)), min(photo.height, math.ceil(y1 * sy))
+    X0, X1 = max(0, math.floor(x0 * sx)), min(photo.width, math.ceil(x1 * sx))
+    if Y0 >= Y1 or X0 >= X1:
+        return photo
+    size = (X1 - X0, Y1 - Y0)
+    gy, gx = H / (win_h * sy), W / (win_w * sx)  # half pixels per photo pixel
+    box = _within(((X0 - left * sx) * gx, (Y0 - top * sy) * gy, (X1 - left * sx) * gx, (Y1 - top * sy) * gy), W, H)
+    generated = Image.fromarray(half).resize(size, Image.BICUBIC, box=box)
+    mask = Image.fromarray(general.astype(np.uint8) * 255).resize(
+        size, Image.BILINEAR, box=_within((X0 / sx, Y0 / sy, X1 / sx, Y1 / sy), gw, gh))
+    photo.paste(generated, (X0, Y0), mask.point(lambda v: 255 if v >= 128 else 0))
+    return photo
+
+
+def _within(box: tuple[float, float, float, float], w: int, h: int) -> tuple[float, float, float, float]:
+    """A resize box clipped to a ``w`` x ``h`` source (PIL refuses one past its edges by a rounding)."""
+    return min(max(box[0], 0.0), w), min(max(box[1], 0.0), h), min(max(box[2], 0.0), w), min(max(box[3], 0.0), h)
+
+
 def to_person_size(result: np.ndarray, person: np.ndarray, garment_mask: np.ndarray, group: str,
                    cfg: Config) -> np.ndarray:
-    """The try-on at the person photo's own size, ``(h, w, 3)`` uint8.
-
-    ``result``: the generated canvas ``(H, 2W, 3)`` in [0, 1]. Its person half is scaled back
-    through the window :func:`catvton.data.canvas.fit_box` cut from the photo, and used only inside
-    the general mask at the photo's resolution; every other pixel is the uploaded photo's. When the
-    photo already has the half's size this is the person half of ``result`` exactly (as uint8)."""
-    h, w = person.shape[:2]
-    H, W2 = result.shape[:2]
-    W = W2 // 2
-    top, left, win_h, win_w = fit_box((h, w), (H, W), cfg.canvas.person_fit)
-    half = Image.fromarray(to_uint8(result[:, W:]))
-    window = np.asarray(half if (win_w, win_h) == (W, H) else half.resize((win_w, win_h), Image.BICUBIC))
-    generated = person.copy()
-    sy0, sx0 = max(0, top), max(0, left)
-    sy1, sx1 = min(h, top + win_h), min(w, left + win_w)
-    generated[sy0:sy1, sx0:sx1] = window[sy0 - top:sy1 - top, sx0 - left:sx1 - left]
+    """The try-on at the person photo's own size, ``(h, w, 3)`` uint8 (:func:`paste_generated` on
+    the photo as an array). ``result``: the generated canvas ``(H, 2W, 3)`` in [0, 1]."""
+    W = result.shape[1] // 2
     general = general_mask(garment_mask, group, cfg.mask)
-    return np.where(general[..., None], generated, person)
+    out = paste_generated(Image.fromarray(person), to_uint8(result[:, W:]), general, cfg.canvas.person_fit)
+    return np.asarray(out)
 
 
+def encode_image(img: Image.Image | np.ndarray, fmt: str, icc_profile: bytes | None = None) -> bytes:
+    """The answer's bytes: ``jpeg`` and ``webp`` at :data:`JPEG_QUALITY`, ``png`` lossless (fast
+    zlib level 1: ~3x faster than level 6 for ~10% more bytes). No EXIF is written (a phone
+    photo's location stays with the user); the upload's colour profile is."""
+    if fmt not in FORMATS:
+        raise InputError("format", f"format {fmt!r}: choose one of {list(FORMATS)}")
+    img = Image.fromarray(img) if isinstance(img, np.ndarray) else img
+    extra = {"icc_profile": icc_profile} if icc_profile else {}
+    buf = io.BytesIO()
+    if fmt == "png":
+        img.save(buf, format="PNG", compress_level=1, **extra)
+    elif fmt == "webp":
+        img.save(buf, format="WEBP", quality=JPEG_QUALITY, method=2, **extra)
+    else:
+        img.save(buf, format="JPEG", quality=JPEG_QUALITY, **extra)
+    return buf.getvalue()

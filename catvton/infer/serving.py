@@ -8,6 +8,11 @@ library, so that a test (or a batch job) gets the same picture as the HTTP API::
     job = service.prepare(person, garment, mask, "lower", seed=0, steps=None, guidance=None, half_hw=None)
     image = service.finish(job, service.generate([job])[0])   # (h, w, 3) uint8, the person's size
 
+The server splits this: its ingress decodes a photo once and sends only the copy the model needs
+(:func:`catvton.infer.request.read_photo`); the model replica answers :meth:`TryOnService.reply`
+(the generated person half and the general mask, small arrays), and the ingress pastes that onto
+the upload at its own size (:func:`catvton.infer.request.paste_generated`).
+
 The model config (base, transformer override, prompt, canvas, mask rules, inference defaults) is the
 LoRA folder's ``training_config.json`` when it has one, so a LoRA is served exactly as it was
 trained; otherwise ``config``. Paths come from these settings only, never from a request.
@@ -23,11 +28,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from PIL import Image
 
 from catvton.artifacts import LORA_WEIGHTS, METRICS, TRAINING_CONFIG
 from catvton.config import Config, ConfigError, apply_mapping, apply_overrides, config_from_dict, load_config
 from catvton.infer.automask import AutoMasker
-from catvton.infer.request import ImageLimits, InputError, request_sample, to_person_size
+from catvton.data.canvas import to_uint8
+from catvton.data.masks import general_mask
+from catvton.infer.request import ImageLimits, InputError, paste_generated, request_sample
 from catvton.infer.tryon import TryOn
 from catvton.schema import GROUPS
 
@@ -72,9 +80,12 @@ class ServeConfig:
     max_steps: int = 50
     """Most denoising steps a request may ask for."""
     max_batch_size: int = 4
-    """Requests of one size generated together (serve.batch)."""
-    batch_wait_timeout_s: float = 0.05
-    """How long a batch waits to fill: latency added for throughput."""
+    """Most requests generated together: those that arrived while the previous batch ran
+    (:class:`catvton.infer.batching.Batcher`); higher: more throughput under load, more latency."""
+    batch_wait_timeout_s: float = 0.0
+    """How long a batch that starts on an idle model waits for more requests; 0: none (batches
+    fill by themselves while the model is busy). Only worth it when requests arrive faster than a
+    batch runs."""
     retry_after_s: int = 2
     """``Retry-After`` of a 503 when the model's queue is full."""
 
@@ -171,9 +182,11 @@ class Job:
     mask_canvas: np.ndarray
     """(H, 2W) float32: [0 | general mask]."""
     person: np.ndarray
-    """(h, w, 3) uint8: the uploaded photo, for pasting back at its own size."""
+    """(h, w, 3) uint8: the photo the canvas was cut from (the upload's working copy)."""
     garment_mask: np.ndarray
     """(h, w) bool: the worn garment (request or auto-masker), before generalising."""
+    general: np.ndarray
+    """(h, w) bool: the general mask of ``garment_mask``: where the try-on is pasted."""
     group: str
     seed: int
     steps: int
@@ -257,11 +270,13 @@ class TryOnService:
             if not general.any():
                 raise InputError("mask", f"the parser found no {group} garment on the person: send a mask")
             source = "auto"
+        else:
+            general = general_mask(mask, group, self.cfg.mask)
         half_hw = half_hw or (self.cfg.canvas.half_height, self.cfg.canvas.half_width)
         sample = request_sample(person, garment, mask, group, self.cfg, half_hw)
         if not sample.mask_canvas.any():
             raise InputError("mask", "the mask vanishes at the canvas size: mark a larger region")
-        return Job(sample.canvas, sample.mask_canvas, person, mask, group,
+        return Job(sample.canvas, sample.mask_canvas, person, mask, general, group,
                    self.cfg.infer.seed if seed is None else int(seed),
                    self.cfg.infer.steps if steps is None else int(steps),
                    self.cfg.infer.guidance if guidance is None else float(guidance), source)
@@ -283,6 +298,17 @@ class TryOnService:
                 out[i] = results[k]
         return out  # type: ignore[return-value]
 
+    def reply(self, job: Job, result: np.ndarray) -> dict[str, Any]:
+        """What the model side hands back for ``result`` (a generated canvas of ``job``): small
+        plain values, whatever the upload's size. ``half``: ``(H, W, 3)`` uint8, the generated
+        person half; ``general``: ``(h, w)`` bool at the working size; ``fit``: how the half was
+        fitted; and the parameters used."""
+        return {"half": to_uint8(result[:, result.shape[1] // 2:]), "general": job.general,
+                "fit": self.cfg.canvas.person_fit, "seed": job.seed, "steps": job.steps,
+                "guidance": job.guidance, "mask_source": job.mask_source}
+
     def finish(self, job: Job, result: np.ndarray) -> np.ndarray:
-        """The try-on at the person photo's size, ``(h, w, 3)`` uint8."""
-        return to_person_size(result, job.person, job.garment_mask, job.group, self.cfg)
+        """The try-on at the person photo's size, ``(h, w, 3)`` uint8 (what the ingress makes of
+        :meth:`reply`, on ``job.person``)."""
+        r = self.reply(job, result)
+        return np.asarray(paste_generated(Image.fromarray(job.person), r["half"], r["general"], r["fit"]))
