@@ -143,6 +143,10 @@ def test_trial_config_ties_alpha_to_rank(tmp_path):
     assert (t.train.lr, t.lora.rank, t.lora.alpha) == (1e-3, 8, 16.0)
     assert t.run.name == "trial-a" and Path(t.run.output_dir) == tmp_path / "trials"
     assert cfg.lora.rank == 32, "the sweep's own config is not modified"
+    assert Path(t.run.storage_path) == tmp_path / "ray"  # a local sweep keeps its checkpoints in its folder
+    cfg.run.storage_path = "s3://bucket/prefix/"
+    remote = trial_config(cfg, 1e-3, 8, "trial-a", tmp_path / "my-sweep")
+    assert remote.run.storage_path == "s3://bucket/prefix/my-sweep-trials"  # where every node can read them
 
 
 def test_release_exports_the_completed_trial_with_the_lowest_val_loss(tmp_path):

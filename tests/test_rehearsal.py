@@ -222,12 +222,16 @@ def test_the_production_sweep_releases_a_winner(head, trained):
     out = finish(submit(head, "ray_jobs/tune.py", *job_sets(head, f"tune.name={SWEEP}", "run.name=rehearsal-trial")))
     release = head.out / SWEEP / "release"
     assert (release / artifacts.LORA_WEIGHTS).is_file(), sorted(p.name for p in (head.out / SWEEP).iterdir())
-    winner = json.loads((release / "winner.json").read_text()) if (release / "winner.json").is_file() else None
-    assert "winner: lr" in out
-    rows = [line for line in out.splitlines() if " lr " not in line and ("TERMINATED" in line or "STOPPED" in line)]
-    assert len(rows) == 2, out[-3000:]
-    assert any(f"s3://{BUCKET}/ray" in p or p for p in s3_listing(f"ray/{SWEEP}")), "the sweep's state is in the bucket"
-    assert winner is None or 1e-5 <= winner["lr"] <= 2e-4
+    # the summary table the sweep prints once it is over: one row per trial of tune.num_samples
+    table = out[out.index("== sweep finished =="):].splitlines()
+    rows = [line.split() for line in table if line.startswith("run_trial_")]
+    assert len(rows) == 2 and all(r[-1] == "completed" for r in rows), table[:8]
+    winner = json.loads((release / artifacts.METRICS).read_text())
+    assert (winner["trials"], winner["completed"], winner["status"]) == (2, 2, "completed"), winner
+    assert 1e-5 <= winner["lr"] <= 2e-4 and winner["rank"] in (16, 32, 64), winner  # l40s.yaml's tune: section
+    assert abs(winner["val_loss"] - min(float(r[4]) for r in rows)) < 1e-4  # the best trial (printed to 4 places)
+    assert f"winner: lr {winner['lr']:.2e}, rank {winner['rank']}" in out
+    assert any("/checkpoint_" in p for p in s3_listing(f"ray/{SWEEP}-trials")), "the trials' checkpoints are in the bucket"
 
 
 @pytest.mark.rehearsal

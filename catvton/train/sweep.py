@@ -10,6 +10,8 @@ Layout under ``<run.output_dir>/<tune.name>/``::
     sweep_config.json    the sweep's full configuration, written before its first trial
     tune/<tune.name>/    Ray Tune's experiment state (what ``Tuner.restore`` reads)
     trials/<trial>/      each trial's run folder (loss curve, sample grids, TensorBoard, lora/)
+    ray/<trial>/         each trial's Ray Train checkpoints; with ``run.storage_path`` on a remote
+                         file system (``s3://bucket/prefix``) they go to ``<it>/<tune.name>-trials/``
     release/             the winner: pytorch_lora_weights.safetensors, training_config.json,
                          metrics.json, trials.csv, trials.json, sweep.png (see docs/release.md)
 
@@ -83,7 +85,9 @@ def trial_config(base: Config, lr: float, rank: int, run_name: str, sweep_dir: P
     cfg.lora.alpha = float(cfg.tune.alpha_ratio * rank)
     cfg.run.name = run_name
     cfg.run.output_dir = str(sweep_dir / "trials")
-    cfg.run.storage_path = str(sweep_dir / "ray")
+    remote = "://" in base.run.storage_path  # s3://...: every node reads its checkpoints from there
+    cfg.run.storage_path = (f"{base.run.storage_path.rstrip('/')}/{sweep_dir.name}-trials" if remote
+                            else str(sweep_dir / "ray"))
     return cfg
 
 
