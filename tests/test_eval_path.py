@@ -40,17 +40,23 @@ def test_in_process_and_ray_data_generation_agree_pair_by_pair(tiny, ray_session
     assert np.abs(base - local[:2]).max() > 1e-3, "the LoRA changes the results"
 
 
-def test_report_holds_exactly_the_documented_keys(tiny, tmp_path):
+def test_report_holds_exactly_the_documented_keys(tiny, tmp_path, monkeypatch):
     from catvton.eval import metrics as M
     from catvton.eval.report import (GROUP_KEYS, HIGHER_IS_BETTER, METRICS, MODELS, PER_IMAGE, REPORT_KEYS,
                                      TRANSFER_KEYS, evaluate, grey_canvases)
+    from catvton.infer.tryon import TryOn
 
+    loads = []  # every pipeline the evaluation loads, by its LoRA (None: the base)
+    real_load = TryOn.load.__func__
+    monkeypatch.setattr(TryOn, "load", classmethod(lambda cls, cfg, lora=None, **kw: loads.append(lora)
+                                                    or real_load(cls, cfg, lora=lora, **kw)))
     cfg, lora, canvas, mask = tiny
     w = canvas.shape[2] // 2
     region = mask[:, :, w:] > 0
     samples = {"lower": {"canvas": canvas[:3], "mask": mask[:3], "garment_mask": region[:3], "pid": ["a", "a", "b"]},
                "full": {"canvas": canvas[3:], "mask": mask[3:], "garment_mask": region[3:], "pid": ["c", "d"]}}
     report = evaluate(cfg, lora, samples, tmp_path, source="five random canvases")
+    assert loads == [None, str(lora)], "each model is loaded once, for every group and both garments"
     assert list(report) == list(REPORT_KEYS)
     assert set(HIGHER_IS_BETTER) == set(METRICS) and MODELS == ("base", "lora", "grey")
     assert set(report["absent"]) <= {"lpips", "fid", "kid"}, "only network-based metrics may be absent"
