@@ -242,9 +242,12 @@ def create_api(settings: ServeConfig, backend: Backend) -> FastAPI:
             decoded = await run_in_threadpool(_decode, settings, await model_canvas(), person, garment, mask,
                                               garment_type, steps, guidance, seed, size)
             sent = time.perf_counter()
-            turned = asyncio.ensure_future(run_in_threadpool(lambda: decoded.person.full))  # while the model runs
+            # a phone photo is turned upright at full size while the model runs
+            turned = None if decoded.person.upright_ready else asyncio.ensure_future(
+                run_in_threadpool(lambda: decoded.person.full))
             result = await backend.tryon(decoded.payload)
-            await turned
+            if turned is not None:
+                await turned
         except InputError as e:
             return error(e.status, e.field, e.message)
         except Overloaded as e:

@@ -148,4 +148,9 @@ def test_read_photo_reduces_only_what_is_larger_than_the_canvas_needs():
     small = read_photo(png(np.zeros((300, 200, 3), np.uint8)), "person", limits, HALF, "crop")
     assert small.work.shape == (300, 200, 3), "reducing would keep over half the pixels: not reduced"
     big = read_photo(encoded(np.zeros((1200, 900, 3), np.uint8), "JPEG"), "person", limits, HALF, "crop")
-    assert big.full.size == (900, 1200) and big.work.shape == (256, 192, 3)
+    assert big.upright_ready and big.full.size == (900, 1200) and big.work.shape == (256, 192, 3)
+    phone = read_photo(encoded(np.zeros((1200, 900, 3), np.uint8), "JPEG", orientation=6), "person", limits, HALF,
+                       "crop")
+    assert phone.stored.size == (1200, 900) and phone.size == (900, 1200) and phone.work.shape == (256, 192, 3)
+    assert not phone.upright_ready, "the full-size turn is left for later (the server: while the model runs)"
+    assert phone.full.size == (900, 1200) and phone.upright_ready

@@ -102,6 +102,11 @@ class Photo:
         """``(width, height)`` upright: what a browser shows, and what a mask must have."""
         return _upright_size(self.stored.size, self.orientation)
 
+    @property
+    def upright_ready(self) -> bool:
+        """Whether :attr:`full` costs nothing now: stored upright, or turned already."""
+        return self.orientation not in TURNS or "full" in self.__dict__
+
     @functools.cached_property
     def full(self) -> Image.Image:
         """RGB at the upload's upright size: the answer is this image with the try-on pasted in.
