@@ -315,7 +315,13 @@ WAYS = [
     Way("bench-serve", r"python bench/serve_overhead\.py --lora outputs/tiny-lora/lora( --requests \d+)?", slow=True,
         needs=("train",), swap=((r"--requests \d+", "--requests 2"), (r"--lora outputs/", "--lora {sandbox}/outputs/")),
         add=("--steps", "1"), says=(r"batching",)),
-    Way("bench-full-size-tiny", r"python bench/full_size_step\.py --tiny .*", slow=True, says=(r"try-on, 2 steps",)),
+    Way("bench-full-size-tiny", r"python bench/full_size_step\.py --tiny .*", slow=True,
+        says=(r"try-on none +\d+ steps", r"try-on fused +\d+ steps: .* passes")),
+    Way("bench-tryon-speed", r"python bench/tryon_speed\.py --lora outputs/\S+/lora( --plot \S+)?", slow=True,
+        needs=("train",), swap=((r"--lora outputs/\S+/lora", "--lora outputs/tiny-lora/lora"),
+                                (r"--plot \S+", "--plot outputs/tryon_speed.png")),
+        add=("--steps", "2", "--per-group", "1", "--rounds", "2", "--out", "outputs/bench/tryon_speed.json"),
+        makes=("outputs/bench/tryon_speed.json",), says=(r"meets \(", r"fused vs LoRA max pixel difference")),
     Way("bench-encode", r"python bench/encode_throughput\.py", slow=True, add=("--pids", "16"), says=(r"ratio 2 vs 1 actors: \d",)),
 ]
 """Each runnable kind of documented command. A kind not here and not in docs/commands.md fails
