@@ -100,7 +100,8 @@ def build_once(final: str | Path, build: Callable[[Path], Any], is_complete: Cal
     ``build(tmp)`` fills a new temporary folder beside ``final``, which is then renamed into
     place: a crash never leaves half a folder under the final name. An exclusive file lock
     (``<final>.lock``) makes concurrent callers (test workers, Ray workers on one node, two jobs)
-    wait for one build instead of racing; a caller that waited finds the folder complete.
+    wait for one build instead of racing; a caller that waited finds the folder complete. A
+    temporary folder that a killed build left is deleted by the next build.
     """
     final = Path(final)
     if is_complete(final):
@@ -113,6 +114,8 @@ def build_once(final: str | Path, build: Callable[[Path], Any], is_complete: Cal
                 return final
             if final.exists():
                 raise RuntimeError(f"{final} exists but is not a complete {what}; delete it and retry")
+            for stale in final.parent.glob(f"{final.name}.tmp-*"):  # a killed build's: we hold the lock
+                shutil.rmtree(stale, ignore_errors=True)
             tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=final.parent))
             try:
                 build(tmp)

@@ -25,6 +25,11 @@ and of the masked canvas); ``mask`` (``np.packbits`` of the (H, 2W) bool mask ca
 pixels, training does not need them); ``stats`` (empty for pairs). ``H, W`` are
 ``canvas.half_height, canvas.half_width``.
 
+The pipeline runs once per part of the pids (:mod:`catvton.cache.parts`): each finished part is
+kept in a work folder beside the cache, so a build killed halfway computes only the missing parts
+when it runs again; the parts' files are then gathered into the cache folder, by the same path on
+a clean build and on a resumed one.
+
 Every bad row and every row that gave no pair is counted under its reason in the manifest; none
 is replaced by a dummy. The counting rides along the pipeline: :class:`PairBuilder` emits one
 stats row per pid (split ``_stats``), which the encoder passes through and the driver sums and
@@ -35,7 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import time
 from collections import Counter
@@ -47,6 +51,7 @@ import numpy as np
 
 from catvton.artifacts import MANIFEST, SAMPLES, TEXT_EMBEDS, TINY_BASE_INFO, build_once, cache_root, content_hash
 from catvton.cache.format import STATS_SPLIT, png_pixels, unpack_mask_bits
+from catvton.cache.parts import build_parts, default_num_parts, link_parts, pids_by_part, source_bytes, work_dir
 from catvton.cache.read import read_split
 from catvton.cache.stages import LatentEncoder, PairBuilder, encode_prompt_task
 from catvton.config import Config
@@ -183,9 +188,7 @@ def _block_bytes(source, min_blocks: int = 8, max_blocks: int = 64) -> int:
 
     cpus = int(ray.cluster_resources().get("CPU", 1))
     blocks = min(max_blocks, max(min_blocks, 2 * cpus))
-    fs = source.filesystem
-    total = sum(fs.size(f) if fs is not None else os.path.getsize(f) for f in source.files)
-    return int(min(128 << 20, max(1 << 20, total // (2 * blocks))))
+    return int(min(128 << 20, max(1 << 20, source_bytes(source) // (2 * blocks))))
 
 
 def _cpus_per_actor() -> float:
@@ -198,13 +201,15 @@ def _cpus_per_actor() -> float:
 
 def build_latent_cache(cfg: Config, num_encoders: int = 1, use_gpu: bool = False, batch_size: int = 16,
                        progress: bool = True, cache_root: str | Path | None = None,
-                       log: Callable[[str], None] = print) -> Path:
+                       log: Callable[[str], None] = print, num_parts: int | None = None) -> Path:
     """Build (or reuse) the latent cache of ``cfg`` and return its folder.
 
     ``num_encoders`` VAE actors (one GPU each when ``use_gpu``) encode ``batch_size`` pairs at a
     time. The cache is written into a temporary sibling folder and renamed at the end, under a
     file lock, so a crash never leaves half a cache and concurrent callers build it once. A
-    folder that already has its manifest is returned as is.
+    folder that already has its manifest is returned as is. The pipeline runs over ``num_parts``
+    parts of the pids (default: :func:`~catvton.cache.parts.default_num_parts`), each kept once
+    complete, so a rerun after a crash computes only the missing ones.
     """
     final = cache_dir(cfg, cache_root)
     if (final / MANIFEST).is_file():
@@ -212,17 +217,18 @@ def build_latent_cache(cfg: Config, num_encoders: int = 1, use_gpu: bool = False
         return final
 
     def build(tmp: Path) -> None:
-        manifest = _build(cfg, tmp, num_encoders, use_gpu, batch_size, progress, log)
+        manifest = _build(cfg, tmp, work_dir(final), num_parts, num_encoders, use_gpu, batch_size, progress, log)
         manifest["folder"] = str(final)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
     build_once(final, build, lambda d: (d / MANIFEST).is_file(), log=log, what="latent cache")
+    shutil.rmtree(work_dir(final), ignore_errors=True)  # the parts, now linked into the cache
     log(f"latent cache written to {final}")
     return final
 
 
-def _build(cfg: Config, out: Path, num_encoders: int, use_gpu: bool, batch_size: int, progress: bool,
-           log: Callable[[str], None]) -> dict[str, Any]:
+def _build(cfg: Config, out: Path, work: Path, num_parts: int | None, num_encoders: int, use_gpu: bool,
+           batch_size: int, progress: bool, log: Callable[[str], None]) -> dict[str, Any]:
     """Run the pipeline into ``out`` and return the manifest (written by the caller)."""
     from ray.data import DataContext
 
@@ -231,17 +237,18 @@ def _build(cfg: Config, out: Path, num_encoders: int, use_gpu: bool, batch_size:
     ctx = DataContext.get_current()
     bars, ctx.enable_progress_bars = ctx.enable_progress_bars, progress
     try:
-        return _run(cfg, out, num_encoders, use_gpu, batch_size, log, t0)
+        return _run(cfg, out, work, num_parts, num_encoders, use_gpu, batch_size, log, t0)
     finally:
         ctx.enable_progress_bars = bars
 
 
-def _run(cfg: Config, out: Path, num_encoders: int, use_gpu: bool, batch_size: int,
-         log: Callable[[str], None], t0: float) -> dict[str, Any]:
+def _run(cfg: Config, out: Path, work: Path, num_parts: int | None, num_encoders: int, use_gpu: bool,
+         batch_size: int, log: Callable[[str], None], t0: float) -> dict[str, Any]:
     import ray
     from diffusers import AutoencoderKL
     from ray.data import ActorPoolStrategy
     from ray.data.context import ShuffleStrategy
+    from ray.data.expressions import col
     from safetensors.torch import save_file
 
     source = resolve_source(cfg.data)
@@ -256,22 +263,34 @@ def _run(cfg: Config, out: Path, num_encoders: int, use_gpu: bool, batch_size: i
     # The prompt: once, in a task that can take a GPU (T5-XXL is 9.5 GB in bf16).
     text_ref = ray.remote(encode_prompt_task).options(num_gpus=gpus, num_cpus=actor_cpus).remote(worker_cfg, device)
 
-    rows = read_rows(source).select_columns(["images", "mask", "gender", "pose", "cloth_type", "pid", "caption"])
-    # Small blocks, so validation and pairing run in parallel and the encoder starts on the first
-    # pairs: by default a small dataset is one block and every stage runs as a single task. The
-    # setting is inherited by every dataset derived from ``rows``; the sort keeps the block count.
-    rows.context.target_max_block_size = _block_bytes(source)
-    # Validation and pairing load no model: stage instances run as plain tasks (no actor pool to
-    # start and hold CPUs); only the VAE stage is an actor pool, so the VAE loads once per actor.
-    checked = rows.map_batches(RowValidator(dataclasses.asdict(cfg.data), keep_images="valid"), batch_size=64)
-    # A sort-based shuffle for the groupby: the default hash shuffle's aggregator actors crashed
-    # (SIGABRT) or starved the other stages on a 2-CPU machine.
-    checked.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    pairs = checked.groupby("pid").map_groups(PairBuilder(worker_cfg), batch_format="numpy")
-    latents = pairs.map_batches(
-        LatentEncoder, fn_constructor_kwargs={"cfg_dict": worker_cfg, "device": device},
-        compute=ActorPoolStrategy(size=num_encoders), num_gpus=gpus, num_cpus=actor_cpus, batch_size=batch_size)
-    latents.write_parquet(str(out), partition_cols=["split"])
+    parts = pids_by_part(source, num_parts or default_num_parts(source))
+    block_bytes = _block_bytes(source)
+
+    def run_part(pids: list[str], part_out: Path) -> dict[str, Any]:
+        """The pipeline over the rows of ``pids`` into ``part_out``; its counts."""
+        rows = read_rows(source, columns=["images", "mask", "gender", "pose", "cloth_type", "pid", "caption"])
+        if len(parts) > 1:  # pushed into the parquet read: only this part's rows leave the reader
+            rows = rows.filter(expr=col("pid").is_in(pids))
+        # Small blocks, so validation and pairing run in parallel and the encoder starts on the first
+        # pairs: by default a small dataset is one block and every stage runs as a single task. The
+        # setting is inherited by every dataset derived from ``rows``; the sort keeps the block count.
+        rows.context.target_max_block_size = block_bytes
+        # Validation and pairing load no model: stage instances run as plain tasks (no actor pool to
+        # start and hold CPUs); only the VAE stage is an actor pool, so the VAE loads once per actor.
+        checked = rows.map_batches(RowValidator(dataclasses.asdict(cfg.data), keep_images="valid"), batch_size=64)
+        # A sort-based shuffle for the groupby: the default hash shuffle's aggregator actors crashed
+        # (SIGABRT) or starved the other stages on a 2-CPU machine.
+        checked.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+        pairs = checked.groupby("pid").map_groups(PairBuilder(worker_cfg), batch_format="numpy")
+        latents = pairs.map_batches(
+            LatentEncoder, fn_constructor_kwargs={"cfg_dict": worker_cfg, "device": device},
+            compute=ActorPoolStrategy(size=num_encoders), num_gpus=gpus, num_cpus=actor_cpus, batch_size=batch_size)
+        latents.write_parquet(str(part_out), partition_cols=["split"])
+        stats = _sum_stats(part_out)
+        return {k: stats[k] for k in ("rows", "valid", "pairs")}
+
+    build_parts(work, parts, run_part, log)
+    link_parts(work, len(parts), out)
     t_data = time.time() - t0
 
     text = ray.get(text_ref)

@@ -101,6 +101,11 @@ def masked_canvas(canvas: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray((x * (1.0 - m)).transpose(0, 3, 1, 2))
 
 
+VAE_BATCH = 8
+"""Images per VAE call, fixed (see :meth:`LatentEncoder.encode`); higher: bigger calls (better on
+a GPU) but up to VAE_BATCH - 1 padded images wasted per batch, and more activation memory."""
+
+
 class LatentEncoder:
     """Ray Data stage: canvases -> normalised VAE latents of the canvas and the masked canvas.
 
@@ -130,12 +135,19 @@ class LatentEncoder:
         self.mask_shape = (H, 2 * W)
 
     def encode(self, images: np.ndarray) -> np.ndarray:
-        """(N, 3, H, 2W) float32 in [-1, 1] -> (N, 16, H/8, 2W/8) float16 normalised latents."""
+        """(N, 3, H, 2W) float32 in [-1, 1] -> (N, 16, H/8, 2W/8) float16 normalised latents.
+
+        The VAE always sees :data:`VAE_BATCH` images (the last call padded with zeros): the
+        convolutions' rounding depends on the batch size (on CPU a few float16 values in 1,000
+        differ between a batch of 3 and of 16), not on the other images, so a pair's latents
+        are the same bytes however Ray Data batched it, and a resumed cache equals a clean one."""
         import torch
 
+        n = len(images)
+        padded = np.concatenate([images, np.zeros((-n % VAE_BATCH, *images.shape[1:]), images.dtype)])
         with torch.no_grad():
-            x = torch.from_numpy(images).to(self.device, self.dtype)
-            z = self.vae.encode(x).latent_dist.mode()
+            x = torch.from_numpy(padded).to(self.device, self.dtype)
+            z = torch.cat([self.vae.encode(c).latent_dist.mode() for c in x.split(VAE_BATCH)])[:n]
             z = ((z.float() - self.shift) * self.scale).cpu().numpy()
         if not np.isfinite(z).all() or np.abs(z).max() > 6e4:
             raise FloatingPointError(f"VAE latents out of float16 range (max |z| {np.abs(z).max():.3g}): "
