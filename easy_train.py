@@ -32,6 +32,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML preset (configs/tiny.yaml: offline CPU; configs/l40s.yaml: production).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Dotted override, repeatable: --set data.seed=3 --set canvas.half_width=576.")]
+NoDashboardOpt = Annotated[bool, typer.Option("--no-dashboard", help="Start the local Ray without its dashboard (a few seconds less at start-up); ignored on a cluster (RAY_ADDRESS).")]
 
 
 def _load(config: Path, overrides: list[str]):
@@ -126,7 +127,7 @@ def _train(cfg):
     from catvton.train.job import run_job
 
     try:
-        return run_job(resolve(cfg))
+        return run_job(resolve(cfg), progress=True)
     except ScheduleChanged as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
@@ -161,6 +162,7 @@ def test(
     gpu: Annotated[str, typer.Option(help="GPU the memory plan is checked against: L40S, H100 or H200.")] = "L40S",
     config: ConfigOpt = DEFAULT_CONFIG,
     set_: SetOpt = None,
+    no_dashboard: NoDashboardOpt = False,
 ) -> None:
     """A short proof run: loss curve, memory report, errors found (exit 1 if problems were found)."""
     import json
@@ -172,7 +174,7 @@ def test(
                                             f"train.checkpoint_every={steps}"])
     cfg.run.name = cfg.run.name + "-test"
     _plan_or_refuse(cfg, gpu)
-    init_ray()
+    init_ray(dashboard=not no_dashboard)
     outcome = _train(cfg)
     history = outcome.history
     found = _findings(outcome, history)
@@ -227,6 +229,7 @@ def full(
     gpu: Annotated[str, typer.Option(help="GPU the memory plan is checked against: L40S, H100 or H200.")] = "L40S",
     config: ConfigOpt = DEFAULT_CONFIG,
     set_: SetOpt = None,
+    no_dashboard: NoDashboardOpt = False,
 ) -> None:
     """The full training run through the same Ray job (re-running resumes), optionally published."""
     from catvton.publish import build_upload_folder, push
@@ -240,7 +243,7 @@ def full(
     if push_to_hub:
         _check_push(cfg, hub_model_id, hub_dry_run, allow_synthetic)
     _plan_or_refuse(cfg, gpu)
-    init_ray()
+    init_ray(dashboard=not no_dashboard)
     outcome = _train(cfg)
     typer.echo("\n".join(summary_lines(outcome)))
     if not push_to_hub:

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))  # a Ray job's working dir is the repo root, but s
 def main(argv: list[str] | None = None) -> int:
     from catvton.cli import config_or_exit, job_parser, source_errors_exit
 
-    p = job_parser(__doc__)
+    p = job_parser(__doc__, dashboard_flag=True)
     p.add_argument("--encoders", type=int, default=1, help="Ray Data VAE encoder actors for the latent cache")
     args = p.parse_args(argv)
     cfg = config_or_exit(args.config, args.set)
@@ -39,11 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     from catvton.train.checkpoint import ScheduleChanged
     from catvton.train.job import run_job, summary_lines
 
-    init_ray()
+    init_ray(dashboard=not args.no_dashboard)  # prints the dashboard's URL and where Ray's logs go
     cfg = resolve(cfg)  # offline names (tiny, tiny-alpha, synthetic) -> cached folders, built once
     try:
         with source_errors_exit():  # no network, a missing or unreadable shard: a short message, exit code 2
-            outcome = run_job(cfg, num_encoders=args.encoders)
+            outcome = run_job(cfg, num_encoders=args.encoders, progress=True)
     except ScheduleChanged as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

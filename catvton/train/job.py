@@ -18,9 +18,11 @@ from catvton.artifacts import FINAL_METRICS, LOSS_HISTORY, PLACEMENT_GROUP, REFU
 from catvton.cache.build import build_latent_cache
 from catvton.cache.read import open_split, split_files
 from catvton.config import Config
+from catvton.ray_utils import run_logs
 from catvton.train.checkpoint import ScheduleChanged
 from catvton.train.engine import NonFiniteLoss
 from catvton.train.loop import train_loop_per_worker
+from catvton.train.progress import ProgressBar
 
 @dataclass
 class TrainOutcome:
@@ -85,6 +87,9 @@ def training_dataset(cache_dir: Path, seed: int, materialize: bool):
     from ray.data import RandomSeedConfig
 
     ds = open_split(cache_dir, "train")
+    # no progress bars for the read and each epoch's shuffle (datasets derived from ``ds`` inherit
+    # its context): one per epoch was most of the console; Ray Data's log files keep each execution
+    ds.context.enable_progress_bars = False
     if materialize:
         ds = ds.materialize()
     seeds = RandomSeedConfig(seed=seed, reseed_after_execution=True)
@@ -101,7 +106,8 @@ Train's controller), 28x a tiny step: every 5 steps it was 85% of the job's time
 
 
 def fit(cfg: Config, cache_dir: Path, log: Callable[[str], None] = print, log_every: int = LOG_EVERY,
-        callbacks: list | None = None, materialize: bool | None = None, worker_hooks=None) -> TrainOutcome:
+        callbacks: list | None = None, materialize: bool | None = None, worker_hooks=None,
+        progress: bool = False) -> TrainOutcome:
     """Fit the ``TorchTrainer`` for ``cfg`` on the latent cache; re-using ``run.name`` (with the
     same ``run.storage_path``) resumes that run from its latest checkpoint.
 
@@ -109,6 +115,10 @@ def fit(cfg: Config, cache_dir: Path, log: Callable[[str], None] = print, log_ev
     read the training split into the object store before training (None: when the workers would
     leave no CPU free for a streaming read, or the split is under :data:`SMALL_SPLIT_BYTES`). ``worker_hooks``: a small picklable
     :class:`catvton.train.loop.WorkerHooks` every worker calls (tests inject faults with it).
+    ``progress``: draw the run's progress bar on this console (:mod:`catvton.train.progress`);
+    entry points turn it on, a fit inside a Tune trial leaves it off. With a local Ray started
+    by :func:`catvton.ray_utils.init_ray`, Ray's logs of the run (workers' output, Ray Train's
+    per-report lines, Ray Data's) end up in ``<run dir>/ray_logs``.
     Raises :class:`catvton.train.engine.NonFiniteLoss` when the workers stopped on a NaN or
     infinite loss, and :class:`catvton.train.checkpoint.ScheduleChanged` when ``run.name`` names
     a run whose checkpoint is past this config's (different) schedule: nothing is exported then."""
@@ -124,28 +134,30 @@ def fit(cfg: Config, cache_dir: Path, log: Callable[[str], None] = print, log_ev
     if materialize is None:
         materialize = (ray.cluster_resources().get("CPU", 0) - t.num_workers * t.cpus_per_worker < 1
                        or split_bytes(cache_dir, "train") < SMALL_SPLIT_BYTES)
-    train_ds = training_dataset(cache_dir, t.seed, materialize)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "cfg": cfg.to_dict(),
-            "cache_dir": str(cache_dir),
-            "run_dir": str(out_dir),
-            "log_every": log_every,
-            "hooks": worker_hooks,
-        },
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                     resources_per_worker={"CPU": t.cpus_per_worker}),
-        run_config=RunConfig(
-            name=cfg.run.name,
-            storage_path=storage_path(cfg),
-            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=t.max_failures),
-            callbacks=callbacks,
-        ),
-        datasets={"train": train_ds},
-    )
-    result = trainer.fit()
+    with run_logs(out_dir, log), ProgressBar(cfg.run.name, enabled=progress, log=log) as bar:
+        train_ds = training_dataset(cache_dir, t.seed, materialize)
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "cfg": cfg.to_dict(),
+                "cache_dir": str(cache_dir),
+                "run_dir": str(out_dir),
+                "log_every": log_every,
+                "hooks": worker_hooks,
+                "progress": bar.address(),
+            },
+            scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                         resources_per_worker={"CPU": t.cpus_per_worker}),
+            run_config=RunConfig(
+                name=cfg.run.name,
+                storage_path=storage_path(cfg),
+                checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+                failure_config=FailureConfig(max_failures=t.max_failures),
+                callbacks=callbacks,
+            ),
+            datasets={"train": train_ds},
+        )
+        result = trainer.fit()
     release_placement_group(out_dir, log)
     if result.error is not None:
         raise result.error
@@ -201,14 +213,16 @@ def release_placement_group(out_dir: Path, log: Callable[[str], None] = print) -
     return True
 
 
-def run_job(cfg: Config, num_encoders: int = 1, log: Callable[[str], None] = print) -> TrainOutcome:
-    """The whole job on a running Ray: build or reuse the latent cache, fit. ``cfg`` names
-    concrete models (entry points pass offline names through :func:`catvton.offline.resolve`)."""
+def run_job(cfg: Config, num_encoders: int = 1, log: Callable[[str], None] = print,
+            progress: bool = False) -> TrainOutcome:
+    """The whole job on a running Ray: build or reuse the latent cache, fit (``progress``: draw
+    the progress bar, see :func:`fit`). ``cfg`` names concrete models (entry points pass offline
+    names through :func:`catvton.offline.resolve`)."""
     warning = ephemeral_paths_warning(cfg)
     if warning:
         log(warning)
     cache = build_latent_cache(cfg, num_encoders=num_encoders, use_gpu=cfg.train.use_gpu, log=log)
-    return fit(cfg, cache, log=log)
+    return fit(cfg, cache, log=log, progress=progress)
 
 
 def summary_lines(outcome: TrainOutcome) -> list[str]:

@@ -26,6 +26,7 @@ from catvton.infer.tryon import TryOn, grid_image
 from catvton.train.checkpoint import ScheduleChanged, load_checkpoint, save_checkpoint
 from catvton.train.engine import (TextContext, build_transformer, fill_loss, fixed_val_loss, make_optimizer,
                                   non_finite_message, train_step, trainable_parameters)
+from catvton.train.progress import connect
 from catvton.train.tracking import Tracker, plot_loss_curve
 
 
@@ -77,7 +78,8 @@ def shard_micro_batches(shard, manifest: dict, cfg: Config, device, first_epoch:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry. ``config``: ``cfg`` (Config.to_dict()), ``cache_dir``, ``run_dir``,
-    ``log_every`` (steps between metric reports), ``hooks`` (a :class:`WorkerHooks` or None)."""
+    ``log_every`` (steps between metric reports), ``hooks`` (a :class:`WorkerHooks` or None),
+    ``progress`` (the driver's progress board, :func:`catvton.train.progress.connect`, or None)."""
     import ray.train
     import ray.train.torch
     import ray.util
@@ -103,7 +105,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     embeds = load_text_embeds(cache)  # no text encoder in a worker: T5-XXL alone is ~9.5 GB
     text = TextContext(embeds, latent_hw, device, dtype)
 
-    step, history = 0, []
+    step, history, resumed = 0, [], None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         try:
@@ -118,7 +120,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             return
         if rank == 0:
             # "resumed from step 5 of 30", and why when the saved run planned another length
-            print(f"[catvton] resumed from step {step} of {total}{note.removeprefix(f'resumed from step {step}')}")
+            resumed = f"resumed from step {step} of {total}{note.removeprefix(f'resumed from step {step}')}"
+            print(f"[catvton] {resumed}")
             run_dir.mkdir(parents=True, exist_ok=True)
             with open(run_dir / RESUMES, "a") as f:  # the run's own record of where it restarted
                 f.write(note + "\n")
@@ -133,12 +136,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     val_batches = load_val_batches(cache, manifest, cfg, device) if rank == 0 else []
     samples = load_samples(cache) if rank == 0 else None
     last_checkpoint = config.get("last_checkpoint", "")
+    progress = connect(config.get("progress")) if rank == 0 else None  # the driver's progress bar
+    if progress is not None:
+        progress.start(step, total, note=resumed)
 
     def report(metrics: dict[str, Any], with_checkpoint: bool) -> None:
         nonlocal last_checkpoint
         if rank == 0:
             history.append(metrics)
             tracker.log(metrics, metrics["step"])
+            if progress is not None:
+                progress.post(metrics)
         if not with_checkpoint:
             ray.train.report(metrics)
             return
