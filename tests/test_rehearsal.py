@@ -224,12 +224,16 @@ def test_the_production_sweep_releases_a_winner(head, trained):
     assert (release / artifacts.LORA_WEIGHTS).is_file(), sorted(p.name for p in (head.out / SWEEP).iterdir())
     # the summary table the sweep prints once it is over: one row per trial of tune.num_samples
     table = out[out.index("== sweep finished =="):].splitlines()
-    rows = [line.split() for line in table if line.startswith("run_trial_")]
-    assert len(rows) == 2 and all(r[-1] == "completed" for r in rows), table[:8]
+    rows = [line.split(None, 5) for line in table if line.startswith("run_trial_")]
+    # ASHA may stop the slower of the two random trials at its rung (grace_period 10 of 40 steps)
+    assert len(rows) == 2 and {r[-1] for r in rows} <= {"completed", "stopped early"}, table[:8]
+    assert any(r[-1] == "completed" and r[3] == "40" for r in rows), table[:8]
     winner = json.loads((release / artifacts.METRICS).read_text())
-    assert (winner["trials"], winner["completed"], winner["status"]) == (2, 2, "completed"), winner
+    assert (winner["trials"], winner["status"], winner["steps"]) == (2, "completed", 40), winner
+    assert winner["completed"] + winner["stopped_early"] == 2, winner
     assert 1e-5 <= winner["lr"] <= 2e-4 and winner["rank"] in (16, 32, 64), winner  # l40s.yaml's tune: section
-    assert abs(winner["val_loss"] - min(float(r[4]) for r in rows)) < 1e-4  # the best trial (printed to 4 places)
+    best = min(float(r[4]) for r in rows if r[-1] == "completed")
+    assert abs(winner["val_loss"] - best) < 1e-4  # the best completed trial (printed to 4 places)
     assert f"winner: lr {winner['lr']:.2e}, rank {winner['rank']}" in out
     assert any("/checkpoint_" in p for p in s3_listing(f"ray/{SWEEP}-trials")), "the trials' checkpoints are in the bucket"
 
