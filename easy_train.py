@@ -231,7 +231,9 @@ def full(
     set_: SetOpt = None,
     no_dashboard: NoDashboardOpt = False,
 ) -> None:
-    """The full training run through the same Ray job (re-running resumes), optionally published."""
+    """The full training run through the same Ray job, optionally published. The run is named
+    <run.name>-<epochs>ep (e.g. tiny-lora-10ep) unless --set run.name=... names it; re-running the
+    same command resumes it."""
     from catvton.publish import build_upload_folder, push
     from catvton.ray_utils import init_ray
     from catvton.train.job import summary_lines
@@ -240,6 +242,10 @@ def full(
         typer.echo("error: --hub-model-id is only used with --push-to-hub; add --push-to-hub (or drop the id)", err=True)
         raise typer.Exit(2)
     cfg = _load(config, list(set_ or []) + [f"train.epochs={epochs}", "train.max_steps=0"])
+    if not any(s.startswith("run.name=") for s in set_ or []):
+        # a run per schedule: `full --epochs 1` after `make demo` (3000 steps under run.name) is a new
+        # run, not a resume of a longer one; the same command again resumes it
+        cfg.run.name = f"{cfg.run.name}-{epochs}ep"
     if push_to_hub:
         _check_push(cfg, hub_model_id, hub_dry_run, allow_synthetic)
     _plan_or_refuse(cfg, gpu)

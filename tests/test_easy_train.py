@@ -132,7 +132,8 @@ def test_easy_train_full_trains_one_epoch_then_resumes_and_writes_the_upload_fol
 
     monkeypatch.delenv("HF_TOKEN", raising=False)  # a dry run needs no token
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
-    run_dir, storage = tmp_path / "out" / "tiny-lora", tmp_path / "ray" / "tiny-lora"
+    # `full` names its run after its schedule: `make demo`'s 3000-step tiny-lora is another run
+    run_dir, storage = tmp_path / "out" / "tiny-lora-1ep", tmp_path / "ray" / "tiny-lora-1ep"
 
     first = invoke("full", "--epochs", "1", *sets(tmp_path))
     assert first.exit_code == 0, first.output
