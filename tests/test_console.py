@@ -69,8 +69,9 @@ def test_the_training_job_prints_a_progress_line_and_keeps_rays_output_in_the_ru
     argv = [sys.executable, "ray_jobs/train.py"]
     for s in sets:
         argv += ["--set", s]
-    done = subprocess.run(argv, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=1500)
-    console = done.stdout + done.stderr
+    # bytes, decoded here: text mode would turn each "\r" of a redrawn bar into a line of its own
+    done = subprocess.run(argv, cwd=ROOT, env=_env(), capture_output=True, timeout=1500)
+    console = (done.stdout + done.stderr).decode(errors="replace")
     _remove_ray_temp(console)
     assert done.returncode == 0, console[-4000:]
     # lines as a terminal (and `wc -l`) counts them: a bar redrawn with "\r" is one line (the
