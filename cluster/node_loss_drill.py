@@ -8,9 +8,11 @@ two different nodes. Once the first checkpoint is in storage, the drill kills a 
 training worker (``remove_node``: its raylet and workers die at once, like a lost VM) and adds
 a fresh node in its place, as the autoscaler would. Ray Train's ``FailureConfig`` restarts the
 worker group, each worker loads the last checkpoint, and the run ends at ``train.max_steps``.
+The workers stream the training split by default, as the production job does (``--read``).
 
     python cluster/node_loss_drill.py                       # 2 CPUs, ~1-2 minutes, prints JSON
     python cluster/node_loss_drill.py --steps 60 --out /tmp/drill --json /tmp/drill/result.json
+    python cluster/node_loss_drill.py --read materialize    # the split held in the object store
 
 The test ``tests/test_multinode.py`` runs this file in a subprocess (a Ray driver can only
 connect to one cluster per process) and asserts on the JSON and the checkpoints.
@@ -106,7 +108,7 @@ class NodeKiller:
               f"replacement {replacement.node_id[:8]} joined", flush=True)
 
 
-def run_drill(work: Path, steps: int, checkpoint_every: int, kill_after_step: int) -> dict:
+def run_drill(work: Path, steps: int, checkpoint_every: int, kill_after_step: int, read: str = "stream") -> dict:
     """Start the cluster, train, kill a node, and return what happened (see ``main``)."""
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     os.environ["RAY_AUTH_MODE"] = "disabled"
@@ -149,10 +151,9 @@ def run_drill(work: Path, steps: int, checkpoint_every: int, kill_after_step: in
 
         def train() -> None:
             try:
-                # Read the training split into the object store first: a streaming read has to
-                # restart after the node loss and stalled behind Ray Data's resource reservation
-                # on these small nodes. Blocks held by the lost node are rebuilt from lineage.
-                done["outcome"] = fit(cfg, cache, materialize=True)
+                # stream: the read restarts with the new worker group; materialize: blocks held
+                # by the lost node are rebuilt from lineage; auto: the job's own choice (read_mode)
+                done["outcome"] = fit(cfg, cache, materialize={"auto": None, "stream": False, "materialize": True}[read])
             except BaseException as e:  # re-raised in the main thread
                 done["error"] = e
 
@@ -191,6 +192,7 @@ def run_drill(work: Path, steps: int, checkpoint_every: int, kill_after_step: in
         "workers_started": len(killer.seen),
         "checkpoint": outcome.checkpoint_uri,
         "weights_dir": str(outcome.weights_dir) if outcome.weights_dir else None,
+        "read": outcome.read,
         "fit_wall_s": round(wall, 1),
     }
 
@@ -202,9 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=30, help="train.max_steps")
     p.add_argument("--checkpoint-every", type=int, default=5)
     p.add_argument("--kill-after-step", type=int, default=5, help="kill a node once a checkpoint at or past this step exists")
+    p.add_argument("--read", choices=["stream", "materialize", "auto"], default="stream",
+                   help="how the workers read the training split: stream (as the production job does), "
+                        "materialize (held in the object store), auto (the job's own choice: read_mode)")
     a = p.parse_args(argv)
     work = Path(a.out) if a.out else Path(tempfile.mkdtemp(prefix="node-loss-drill-"))
-    result = run_drill(work.resolve(), a.steps, a.checkpoint_every, a.kill_after_step)
+    result = run_drill(work.resolve(), a.steps, a.checkpoint_every, a.kill_after_step, a.read)
     text = json.dumps(result, indent=2)
     print(text)
     if a.json:

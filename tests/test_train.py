@@ -118,6 +118,9 @@ def test_two_cpu_workers_hold_identical_lora_weights_after_ddp_steps(tmp_path, s
     assert b and max(float(v.abs().max()) for v in b) > 0, "the LoRA moved from its zero init"
     assert outcome.metrics["step"] == 2
     assert (outcome.weights_dir / artifacts.LORA_WEIGHTS).is_file()
+    # the job chose how to read the split by itself (a small split is held) and says why
+    assert outcome.read == "materialize"
+    assert (outcome.run_dir / artifacts.READ_MODE).read_text().startswith("materialize: ")
 
 
 @pytest.mark.ray

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from catvton import artifacts
-from catvton.artifacts import FINAL_METRICS, LOSS_HISTORY, PLACEMENT_GROUP, REFUSED, STOPPED
+from catvton.artifacts import FINAL_METRICS, LOSS_HISTORY, PLACEMENT_GROUP, READ_MODE, REFUSED, STOPPED
 from catvton.cache.build import build_latent_cache
 from catvton.cache.read import open_split, split_files
 from catvton.config import Config
@@ -42,6 +42,8 @@ class TrainOutcome:
     config: Config
     history: list[dict] = field(default_factory=list)
     """Every reported step's metrics, from the latest checkpoint (also ``run_dir/loss_history.json``)."""
+    read: str = ""
+    """How the workers read the training split: ``stream`` or ``materialize`` (:func:`read_mode`)."""
 
     @property
     def checkpoint_uri(self) -> str | None:
@@ -71,6 +73,22 @@ the steps (measured: 0.06 s a step, 0.4 s a step with the restarts at 170 steps 
 def split_bytes(cache_dir: Path, split: str) -> int:
     """Bytes of the split's parquet files in the latent cache."""
     return sum(Path(f).stat().st_size for f in split_files(cache_dir, split))
+
+
+def read_mode(cluster_cpus: float, num_workers: int, cpus_per_worker: float, train_bytes: int) -> tuple[bool, str]:
+    """``(materialize, why)``: the job's own choice of how the workers read the training split.
+
+    Materialized (held in the object store) when the training workers would leave less than one
+    CPU of the cluster for Ray Data's read tasks (a streaming read would wait behind them), or
+    when the split is under :data:`SMALL_SPLIT_BYTES`; streamed otherwise. Both modes survive a
+    lost node (``cluster/node_loss_drill.py --read stream|materialize``): a stream restarts its
+    read, held blocks are rebuilt from lineage."""
+    free = cluster_cpus - num_workers * cpus_per_worker
+    if free < 1:
+        return True, f"materialize: the training workers leave {free:g} CPU for Ray Data's read"
+    if train_bytes < SMALL_SPLIT_BYTES:
+        return True, f"materialize: the training split is {train_bytes / 2**20:.0f} MiB (< {SMALL_SPLIT_BYTES >> 20} MiB)"
+    return False, f"stream: {train_bytes / 2**30:.1f} GiB training split, {free:g} CPUs free for the read"
 
 
 def training_dataset(cache_dir: Path, seed: int, materialize: bool):
@@ -132,9 +150,12 @@ def fit(cfg: Config, cache_dir: Path, log: Callable[[str], None] = print, log_ev
     for reason in (STOPPED, REFUSED):  # left by an earlier attempt
         (out_dir / reason).unlink(missing_ok=True)
     if materialize is None:
-        materialize = (ray.cluster_resources().get("CPU", 0) - t.num_workers * t.cpus_per_worker < 1
-                       or split_bytes(cache_dir, "train") < SMALL_SPLIT_BYTES)
+        materialize, why = read_mode(ray.cluster_resources().get("CPU", 0), t.num_workers, t.cpus_per_worker,
+                                     split_bytes(cache_dir, "train"))
+    else:
+        why = ("materialize" if materialize else "stream") + ": asked by the caller"
     with run_logs(out_dir, log), ProgressBar(cfg.run.name, enabled=progress, log=log) as bar:
+        (out_dir / READ_MODE).write_text(why + "\n")
         train_ds = training_dataset(cache_dir, t.seed, materialize)
         trainer = TorchTrainer(
             train_loop_per_worker,
@@ -172,7 +193,8 @@ def fit(cfg: Config, cache_dir: Path, log: Callable[[str], None] = print, log_ev
         (out_dir / LOSS_HISTORY).write_text(json.dumps(history, default=str) + "\n")
     metrics = dict(result.metrics or {})
     (out_dir / FINAL_METRICS).write_text(json.dumps(metrics, indent=2, default=str) + "\n")
-    return TrainOutcome(out_dir, result.checkpoint, weights, metrics, cache_dir, cfg, history)
+    return TrainOutcome(out_dir, result.checkpoint, weights, metrics, cache_dir, cfg, history,
+                        "materialize" if materialize else "stream")
 
 
 def ephemeral_paths_warning(cfg: Config, cwd: Path | None = None) -> str | None:
