@@ -51,7 +51,7 @@ def setup(
     out: Annotated[Path, typer.Option(help="Folder for dataset_report.json / .md, samples_<group>.png and the mask_placement.png / mask_suspicious.png grids.")] = Path("outputs/setup"),
     config: ConfigOpt = DEFAULT_CONFIG,
     set_: SetOpt = None,
-    num_actors: Annotated[int, typer.Option(help="Validation actors (each takes one CPU).")] = max(1, (os.cpu_count() or 2) - 0),
+    num_actors: Annotated[int, typer.Option(help="Validation tasks at once (each takes one CPU; default: the CPU count).")] = max(1, (os.cpu_count() or 2) - 0),
 ) -> None:
     """Validate the dataset and write a readiness report (exit code 1 when it is not ready, 2 when
     the source cannot be read: the hub unreachable, a shard missing or unreadable)."""
@@ -75,7 +75,7 @@ def setup(
         raise typer.Exit(2)
     typer.echo(f"{len(source.files)} parquet file(s), {n_rows} rows; validating every row with Ray Data ...")
     init_ray()
-    rows = scan(source, cfg, num_actors=num_actors)
+    rows = scan(source, cfg, num_actors=num_actors, progress=True)
     report = write_report(out, rows, cfg, source.name)
     typer.echo("")
     typer.echo(f"rows: {report['rows_valid']} valid of {report['rows_total']}; bad: {json.dumps(report['bad_rows'])}")
