@@ -12,6 +12,8 @@ import math
 import re
 
 import pytest
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 import torch
 
 from catvton.config import Config
@@ -177,3 +179,46 @@ def test_under_ddp_only_the_last_micro_batch_all_reduces(tmp_path):
             assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
     finally:
         dist.destroy_process_group()
+
+
+def test_garment_dropout_blanks_the_garment_half_of_the_chosen_samples_only():
+    import torch
+
+    from catvton.config import load_config
+    from catvton.train.engine import blank_garments
+
+    masked = torch.randn(3, 16, 4, 6)
+    out = blank_garments(masked, torch.tensor([True, False, True]))
+    assert torch.equal(out[1], masked[1])
+    for i in (0, 2):
+        assert (out[i, :, :, :3] == 0).all() and torch.equal(out[i, :, :, 3:], masked[i, :, :, 3:])
+    assert not (masked[0, :, :, :3] == 0).all(), "the input is left alone"
+    with pytest.raises(Exception, match="train.garment_dropout=1.0"):
+        load_config(ROOT / "configs/tiny.yaml", ["train.garment_dropout=1.0"])
+
+
+def test_the_training_loss_feeds_the_model_blanked_garments_at_the_dropout_rate():
+    import torch
+
+    from catvton.config import load_config
+    from catvton.train.engine import TextContext, fill_loss
+
+    cfg = load_config(ROOT / "configs/tiny.yaml", ["train.garment_dropout=0.5"])
+    seen = []
+
+    def model(hidden_states, **kw):
+        seen.append(hidden_states)
+        return (torch.zeros(hidden_states.shape[0], hidden_states.shape[1], 64, requires_grad=True),)
+
+    text = TextContext({"prompt_embeds": torch.zeros(1, 4, 32), "pooled_prompt_embeds": torch.zeros(1, 32)},
+                       (4, 8), "cpu", torch.float32)
+    batch = {"target": torch.randn(64, 16, 4, 8), "masked": torch.randn(64, 16, 4, 8) + 3.0,
+             "mask": torch.ones(64, 1, 32, 64)}
+    fill_loss(model, batch, text, cfg, torch.Generator().manual_seed(0), garment_dropout=0.5)
+    fill_loss(model, batch, text, cfg, torch.Generator().manual_seed(0))  # validation: no dropout
+    # packed tokens: a 2x4 grid, garment half = columns 0-1; masked-image latents are channels 64-128
+    garment = seen[0].reshape(64, 2, 4, 384)[:, :, :2, 64:128]
+    blanked = (garment == 0).flatten(1).all(1)
+    assert 16 <= int(blanked.sum()) <= 48, int(blanked.sum())
+    assert (seen[0].reshape(64, 2, 4, 384)[:, :, 2:, 64:128] != 0).all(), "the person half is never blanked"
+    assert not (seen[1].reshape(64, 2, 4, 384)[:, :, :2, 64:128] == 0).any()

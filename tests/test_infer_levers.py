@@ -148,3 +148,50 @@ def test_serving_and_evaluation_take_the_levers_from_the_config(tiny):
     assert service.tryon.levers["fused_lora"] is True and service.tryon.levers["cache"] == "taylorseer"
     predictor = TryOnPredictor(_with(cfg, cache="first_block").to_dict(), lora=str(lora))
     assert predictor.tryon.levers["cache"] == "first_block" and predictor.tryon.cache is not None
+
+
+def test_garment_guidance_pushes_away_from_the_garment_free_prediction(tiny):
+    """``infer.garment_guidance`` s: every step runs the transformer on the canvas as given and on it
+    with the garment half's masked-image latents at 0, and takes ``free + s * (given - free)``; s=1 is
+    the plain call. Checked against a hand-made guided step on the tiny base."""
+    import torch
+
+    from catvton.infer.levers import MASKED_IMAGE_CHANNELS, garment_guidance
+    from catvton.infer.tryon import TryOn
+
+    cfg, lora, canvas, mask = tiny
+    plain, plain_count = _run(TryOn.load(cfg, lora=lora), canvas, mask)
+    off, _ = _run(TryOn.load(_with(cfg, garment_guidance=1.0), lora=lora), canvas, mask)
+    guided_tryon = TryOn.load(_with(cfg, garment_guidance=2.5), lora=lora)
+    guided, counter = _run(guided_tryon, canvas, mask)
+    assert np.array_equal(off, plain)
+    assert counter.calls == plain_count.calls == len(canvas) * STEPS, "one guided call a step"
+    assert counter.passes == 2 * plain_count.passes == 2 * len(canvas) * STEPS, "two passes of every block a step"
+    m = mask.astype(bool)
+    assert np.array_equal(guided[~m], canvas[~m]) and np.abs(guided - plain)[m].max() > 1e-3
+
+    # one step by hand: the garment-free call sees zeros exactly on the garment half's masked-image channels
+    t = guided_tryon.pipe.transformer
+    seen = []
+    hidden = torch.randn(1, 8, 384)  # a 2x4 token grid: columns 0-1 are the garment half
+    ids = torch.tensor([[0.0, r, c] for r in range(2) for c in range(4)])
+    kwargs = dict(timestep=torch.tensor([0.5]), guidance=torch.tensor([1.0]), pooled_projections=torch.zeros(1, 32),
+                  encoder_hidden_states=torch.zeros(1, 4, 32), txt_ids=torch.zeros(4, 3), img_ids=ids, return_dict=False)
+    hook = t.x_embedder.register_forward_pre_hook(lambda mod, args: seen.append(args[0].clone()))
+    with torch.no_grad():
+        given = t(hidden_states=hidden, **kwargs)[0]
+        with garment_guidance(t, 3.0):
+            out = t(hidden_states=hidden, **kwargs)[0]
+        free_in = hidden.clone()
+        free_in[:, [0, 1, 4, 5], MASKED_IMAGE_CHANNELS] = 0
+        free = t(hidden_states=free_in, **kwargs)[0]
+    hook.remove()
+    # calls: given (plain), given and free (guided), free (plain)
+    assert len(seen) == 4 and torch.equal(seen[2], free_in) and torch.equal(seen[1], hidden)
+    assert torch.allclose(out, free + 3.0 * (given - free), atol=1e-6)
+    assert "forward" not in vars(t), "the plain forward is back after the call"
+
+
+def test_garment_guidance_with_a_step_cache_is_refused():
+    with pytest.raises(ConfigError, match="infer.cache='taylorseer' with infer.garment_guidance=2.0"):
+        load_config(ROOT / "configs/tiny.yaml", ["infer.cache=taylorseer", "infer.garment_guidance=2.0"])

@@ -25,6 +25,11 @@ class InferConfig:
     """Guidance at inference; a model trained from scratch needs the training value."""
     seed: int = 0
     """Seed of the initial noise."""
+    garment_guidance: float = 1.0
+    """Classifier-free guidance on the garment: above 1, every step also runs with the garment half
+    blanked and the result is pushed away from that garment-free prediction, so the person follows
+    the garment given more closely (CatVTON's guidance). Needs a model trained with
+    ``train.garment_dropout`` > 0; twice the transformer passes; 1 = off."""
     cache: str = "none"
     """Step caching, which reuses transformer work across denoising steps: ``none`` (every step a full
     pass; bit-identical to no lever), ``first_block`` (skip the other blocks while the first block's
@@ -63,6 +68,11 @@ def infer_problems(infer: InferConfig) -> list[str]:
     p: list[str] = []
     if infer.steps < 1:
         p.append(f"infer.steps={infer.steps}: must be at least 1")
+    if infer.garment_guidance < 0:
+        p.append(f"infer.garment_guidance={infer.garment_guidance}: must not be negative (1 = off)")
+    if infer.garment_guidance != 1.0 and infer.cache != "none":
+        p.append(f"infer.cache={infer.cache!r} with infer.garment_guidance={infer.garment_guidance}: a step cache "
+                 "compares consecutive transformer calls, and guidance makes two calls a step; use one of them")
     if infer.cache not in CACHE_KINDS:
         p.append(f"infer.cache={infer.cache!r}: choose from {list(CACHE_KINDS)}")
     for name in ("first_block_threshold", "mag_threshold"):

@@ -154,6 +154,10 @@ class TrainConfig:
     """Noise-level sampling: ``uniform`` (CatVTON-Flux) or ``logit_normal`` (more mid-range)."""
     flux_shift: bool = False
     """Apply FLUX's resolution-dependent shift to the sampled noise levels (more noise on big canvases)."""
+    garment_dropout: float = 0.0
+    """Share of training samples whose garment half is blanked in the conditioning (its masked-image
+    latents set to 0), so the model also learns a garment-free prediction for
+    ``infer.garment_guidance`` (CatVTON trains with 10% condition dropout for its guidance)."""
     loss_region: str = "canvas"
     """Where the loss counts: ``canvas`` (all, as CatVTON-Flux), ``person`` (right half) or
     ``mask`` (weighted by mask coverage)."""
@@ -319,6 +323,8 @@ def validate(cfg: Config) -> list[str]:
             p.append(f"train.{name}={getattr(t, name)}: must be at least 1")
     if not 0.0 < t.lr < 1.0:
         p.append(f"train.lr={t.lr}: must be in (0, 1)")
+    if not 0.0 <= t.garment_dropout < 1.0:
+        p.append(f"train.garment_dropout={t.garment_dropout}: a share of the samples, in [0, 1)")
     choices = {"timesteps": ("uniform", "logit_normal"), "loss_region": ("canvas", "person", "mask"),
                "schedule": ("cosine", "constant"), "optimizer": ("auto", "adamw", "adamw8bit")}
     for name, allowed in choices.items():

@@ -15,6 +15,9 @@ still being trained, and hooks or fused weights would stay on it. In order:
 3. ``compile``: ``compile_repeated_blocks`` (regional compilation of each transformer block), GPU
    only.
 
+:func:`garment_guidance` is armed around every pipeline call (:meth:`TryOn.fill_canvases`, the
+training grids included): it changes what a step computes, not the loaded pipeline.
+
 ``FluxFillPipeline`` (unlike ``FluxPipeline``) gives the cache hooks no context: :class:`StepCache`
 wraps each pipeline call in one, and clears the hooks' state first.
 """
@@ -144,6 +147,41 @@ def apply_levers(pipe, infer: InferConfig, device: str | torch.device, lora_load
         pipe.transformer.compile_repeated_blocks()
         applied["compiled"] = True
     return cache, applied
+
+
+MASKED_IMAGE_CHANNELS = slice(64, 128)
+"""The masked-image latents in the Fill transformer's 384 input channels (noisy 64, masked image
+64, mask 256: :func:`catvton.train.flow.fill_input`)."""
+
+
+@contextlib.contextmanager
+def garment_guidance(transformer: torch.nn.Module, scale: float) -> Iterator[None]:
+    """Classifier-free guidance on the garment while armed: each transformer call runs twice, with
+    the canvas as given and with the garment half's masked-image latents set to 0 (the garment-free
+    condition ``train.garment_dropout`` trains), and returns ``free + scale * (given - free)``.
+    ``scale`` 1: one plain call, nothing changed. The garment half is the left half of the token
+    grid (``img_ids``' column < half the columns). Two calls a step: twice the transformer work."""
+    if scale == 1.0:
+        yield
+        return
+    forward = transformer.forward
+
+    def guided(*args, **kwargs):
+        hidden, cols = kwargs["hidden_states"], kwargs["img_ids"][:, 2]
+        free = hidden.clone()
+        free[:, cols < (cols.max() + 1) / 2, MASKED_IMAGE_CHANNELS] = 0
+        given = forward(*args, **kwargs)
+        blank = forward(*args, **{**kwargs, "hidden_states": free})
+        if isinstance(given, tuple):
+            return (blank[0] + scale * (given[0] - blank[0]), *given[1:])
+        given.sample = blank.sample + scale * (given.sample - blank.sample)
+        return given
+
+    transformer.forward = guided
+    try:
+        yield
+    finally:
+        del transformer.forward  # the class's forward again
 
 
 class PassCounter:

@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 
 from catvton.config import Config
 from catvton.data.canvas import to_uint8
-from catvton.infer.levers import StepCache, apply_levers, calibrate_mag_ratios, probe_canvas
+from catvton.infer.levers import StepCache, apply_levers, calibrate_mag_ratios, garment_guidance, probe_canvas
 from catvton.model.loading import load_pipeline, resolve_base
 
 
@@ -126,7 +126,8 @@ class TryOn:
         image = torch.from_numpy(np.ascontiguousarray(canvases.transpose(0, 3, 1, 2))).float()
         mask = torch.from_numpy(np.ascontiguousarray(masks[:, None])).float()
         steps = steps or self.cfg.infer.steps
-        with self.cache.around(steps) if self.cache is not None else contextlib.nullcontext():
+        with (self.cache.around(steps) if self.cache is not None else contextlib.nullcontext(),
+              garment_guidance(self.pipe.transformer, self.cfg.infer.garment_guidance)):
             out = self.pipe(
                 image=image, mask_image=mask, height=h, width=w2,
                 prompt_embeds=self.prompt_embeds.expand(n, -1, -1),

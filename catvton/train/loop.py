@@ -166,7 +166,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         history.append(m)
         tracker.log(m, 0)
 
-    loss_fn = functools.partial(fill_loss, text=text, cfg=cfg, generator=generator)
+    loss_fn = functools.partial(fill_loss, text=text, cfg=cfg, generator=generator,
+                                garment_dropout=cfg.train.garment_dropout)
     stream = shard_micro_batches(ray.train.get_dataset_shard("train"), manifest, cfg, device,
                                  first_epoch=step // steps_per_epoch(cfg, n_train, world))
     t0, steps_since = time.perf_counter(), 0

@@ -56,7 +56,8 @@ def train_plain(cfg: Config, cache: Path, steps: int, log: Callable[[str], None]
     optimizer, scheduler = make_optimizer(cfg, params, steps)
     text = TextContext(load_text_embeds(cache), tuple(manifest["latent_shape"][1:]), device, dtype)
     generator = torch.Generator().manual_seed(cfg.train.seed * 1000)
-    loss_fn = functools.partial(fill_loss, text=text, cfg=cfg, generator=generator)
+    loss_fn = functools.partial(fill_loss, text=text, cfg=cfg, generator=generator,
+                                garment_dropout=cfg.train.garment_dropout)
     batches = iter_train_batches(cache, manifest, cfg.train.batch_size, cfg.train.seed)
     history: list[dict] = []
     bar = tqdm(range(steps), desc="train", disable=not progress, mininterval=2.0)
