@@ -328,6 +328,8 @@ WAYS = [
         add=("--steps", "2", "--per-group", "1", "--rounds", "2", "--out", "outputs/bench/tryon_speed.json"),
         makes=("outputs/bench/tryon_speed.json",), says=(r"meets \(", r"fused vs LoRA max pixel difference")),
     Way("bench-encode", r"python bench/encode_throughput\.py", slow=True, add=("--pids", "16"), says=(r"ratio 2 vs 1 actors: \d",)),
+    Way("bench-setup-scale", r"python bench/setup_scale\.py( --read-pass)?", slow=True, add=("--rows", "150", "--size", "96"),
+        says=(r"rows/s: \d+ whole command", r"driver peak RSS: \d+ MiB", r"rows_valid \d+ of 150")),
 ]
 """Each runnable kind of documented command. A kind not here and not in docs/commands.md fails
 ``test_every_documented_command_is_run_or_listed``: classify it."""
