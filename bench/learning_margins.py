@@ -136,11 +136,14 @@ def main() -> None:
             cells = [f"{'':>11s} " + " ".join(f"{s[k][m]:5.2f}" if "psnr" in m else f"{s[k][m]:5.3f}"
                                                for k in ("base", "lora", "grey")) for m in PER_IMAGE]
             print(f"  {g:6s} {s['pairs']:5d} {s['pids']:4d} | " + " | ".join(cells))
-        print("  garment transfer (own - swapped garment, masked PSNR dB; colour following r)  alpha | LoRA")
+        print("  garment transfer (own - swapped garment, masked PSNR dB; colour following r; colour strength)  "
+              "alpha | LoRA")
         for g, s in r["groups"].items():
             t = s["transfer"]
             print(f"  {g:6s} margin {t['base']['margin_db']:+5.2f} | {t['lora']['margin_db']:+5.2f}   "
-                  f"colour {t['base']['colour_following']:.3f} | {t['lora']['colour_following']:.3f}")
+                  f"colour {t['base']['colour_following']:.3f} | {t['lora']['colour_following']:.3f}   "
+                  f"strength {t['base'].get('colour_strength', float('nan')):.2f} | "
+                  f"{t['lora'].get('colour_strength', float('nan')):.2f}")
     all_m = [margins(r) for r in results]
     smallest = {k: min(m[k] for m in all_m) for k in all_m[0]}
     smallest["val_lower_end_over_start"] = max(m["val_lower_end_over_start"] for m in all_m)

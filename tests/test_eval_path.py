@@ -88,3 +88,17 @@ def test_report_holds_exactly_the_documented_keys(tiny, tmp_path, monkeypatch):
     assert "| lower | margin_db |" in md and "| full | colour_following |" in md
     for key in METRICS + REPORT_KEYS + GROUP_KEYS + TRANSFER_KEYS:
         assert f"`{key}`" in release_doc, key
+
+
+def test_colour_strength_is_how_much_of_a_colour_change_reaches_the_person():
+    from catvton.eval import metrics as M
+
+    given = np.random.default_rng(0).random((40, 3))
+    assert M.colour_strength(given, given) == pytest.approx(1.0)
+    hedged = 0.5 * given + 0.25  # half-way to an average colour: still perfectly correlated
+    assert M.colour_strength(given, hedged) == pytest.approx(0.5)
+    assert M.colour_following(given, hedged) == pytest.approx(1.0)
+    assert M.colour_strength(given, np.full_like(given, 0.4)) == pytest.approx(0.0, abs=1e-9)
+    flat = given.copy()
+    flat[:, 1] = 0.3  # a channel that never varies is left out
+    assert M.colour_strength(flat, np.stack([0.8 * flat[:, 0], flat[:, 1], 0.6 * flat[:, 2]], 1)) == pytest.approx(0.7)

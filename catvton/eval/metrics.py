@@ -151,3 +151,14 @@ def colour_following(given: np.ndarray, generated: np.ndarray) -> float:
     rs = [float(np.corrcoef(given[:, c], generated[:, c])[0, 1]) if generated[:, c].std() > 1e-6 else 0.0
           for c in range(3) if given[:, c].std() > 1e-6]
     return float(np.mean(rs)) if rs else float("nan")
+
+
+def colour_strength(given: np.ndarray, generated: np.ndarray) -> float:
+    """How much of a change in the garment's colour reaches the person: the least-squares slope of
+    ``generated`` on ``given`` ``(N, 3)`` colours across pairs, per RGB channel, averaged over the
+    channels that vary (1: the full change; 0.6: the model hedges towards an average colour; NaN if
+    no channel varies). :func:`colour_following` says whether the colour is followed at all, this
+    says how far: a hedging model keeps a high correlation and loses masked PSNR."""
+    slopes = [float(np.polyfit(given[:, c], generated[:, c], 1)[0]) for c in range(3) if given[:, c].std() > 1e-6]
+    return float(np.mean(slopes)) if slopes else float("nan")
+

@@ -24,7 +24,10 @@ the same seed), and ``transfer`` holds, for the base and the LoRA:
   would score the same); large when the result wears what it is given;
 - ``colour_following``: across the own and the swapped results, the correlation between the
   given garment's mean colour and the generated mean colour inside the person's garment region
-  (``garment_mask``), averaged over RGB (:func:`~catvton.eval.metrics.colour_following`).
+  (``garment_mask``), averaged over RGB (:func:`~catvton.eval.metrics.colour_following`);
+- ``colour_strength``: over the same colours, the slope of generated on given (1: a change of
+  garment colour reaches the person in full; below 1: the model hedges towards an average colour,
+  which costs masked PSNR while ``colour_following`` stays high; :func:`~catvton.eval.metrics.colour_strength`).
 
 Writes ``report.json`` (:data:`REPORT_KEYS`; each group :data:`GROUP_KEYS`), ``report.md`` (the
 table with deltas) and ``grid_<group>.png`` (garment | masked person | base | LoRA | ground truth).
@@ -60,7 +63,7 @@ GROUP_KEYS = ("pairs", "pids", "metrics", "base", "lora", "grey", "delta", "tran
 """The keys of each group of a report: ``metrics`` lists the metric keys computed (:data:`METRICS`
 less the absent ones); ``base``, ``lora``, ``grey`` map each to its mean; ``delta`` is LoRA - base;
 ``transfer`` is ``{"base": TRANSFER_KEYS, "lora": TRANSFER_KEYS}`` (None for a group of one pid)."""
-TRANSFER_KEYS = ("margin_db", "colour_following", "own_masked_psnr", "swapped_masked_psnr")
+TRANSFER_KEYS = ("margin_db", "colour_following", "colour_strength", "own_masked_psnr", "swapped_masked_psnr")
 """The garment-transfer scores of one model on one group (see the module docstring)."""
 GRID_ROWS = 6
 
@@ -122,6 +125,7 @@ def transfer_scores(group: dict[str, Any], own: np.ndarray, swapped: np.ndarray)
     given = M.garment_colours(np.concatenate([canvas[:, :, :w], swapped_canvases(group)[:, :, :w]]))
     worn = M.region_colours(np.concatenate([own[:, :, w:], swapped[:, :, w:]]), np.concatenate([region, region]))
     return {"margin_db": own_psnr - swapped_psnr, "colour_following": M.colour_following(given, worn),
+            "colour_strength": M.colour_strength(given, worn),
             "own_masked_psnr": own_psnr, "swapped_masked_psnr": swapped_psnr}
 
 
@@ -183,7 +187,8 @@ METRIC_NOTE = ("Scores on the person half against the ground truth: `masked_*` i
 
 TRANSFER_NOTE = ("Garment transfer: `margin_db` is the masked PSNR with the pair's own garment minus with another "
                  "item's garment on the garment half (about 0 when the garment is ignored); `colour_following` "
-                 "correlates the given garment's colour with the colour generated on the person (1: follows it).")
+                 "correlates the given garment's colour with the colour generated on the person (1: follows it); "
+                 "`colour_strength` is how much of a colour change arrives (the slope; 1: all of it).")
 
 
 def evaluation_table(report: dict[str, Any]) -> str:
@@ -204,7 +209,7 @@ def evaluation_table(report: dict[str, Any]) -> str:
         rows += ["", "| group | garment transfer | base | LoRA |", "|---|---|---|---|"]
         for group, t in transfer:
             rows += [f"| {group} | {key} | {t['base'][key]:.3f} | {t['lora'][key]:.3f} |"
-                     for key in ("margin_db", "colour_following")]
+                     for key in ("margin_db", "colour_following", "colour_strength")]
         rows += ["", TRANSFER_NOTE]
     absent = report.get("absent", {})
     if absent:
