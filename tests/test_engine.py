@@ -181,18 +181,22 @@ def test_under_ddp_only_the_last_micro_batch_all_reduces(tmp_path):
         dist.destroy_process_group()
 
 
-def test_garment_dropout_blanks_the_garment_half_of_the_chosen_samples_only():
+def test_garment_free_tokens_are_the_garment_halfs_noisy_and_masked_image_latents_at_zero():
     import torch
 
     from catvton.config import load_config
-    from catvton.train.engine import blank_garments
+    from catvton.infer.levers import blank_garment_tokens
 
-    masked = torch.randn(3, 16, 4, 6)
-    out = blank_garments(masked, torch.tensor([True, False, True]))
-    assert torch.equal(out[1], masked[1])
+    hidden = torch.randn(3, 8, 384) + 3.0  # a 2x4 token grid: columns 0-1 are the garment half
+    cols = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    out = blank_garment_tokens(hidden, cols, torch.tensor([True, False, True]))
+    assert torch.equal(out[1], hidden[1])
     for i in (0, 2):
-        assert (out[i, :, :, :3] == 0).all() and torch.equal(out[i, :, :, 3:], masked[i, :, :, 3:])
-    assert not (masked[0, :, :, :3] == 0).all(), "the input is left alone"
+        g = out[i, cols < 2]
+        assert (g[:, :128] == 0).all() and torch.equal(g[:, 128:], hidden[i, cols < 2, 128:]), "the mask stays"
+        assert torch.equal(out[i, cols >= 2], hidden[i, cols >= 2]), "the person half is left alone"
+    assert (hidden != 0).all(), "the input is left alone"
+    assert (blank_garment_tokens(hidden, cols)[:, cols < 2, :128] == 0).all(), "which=None: every sample"
     with pytest.raises(Exception, match="train.garment_dropout=1.0"):
         load_config(ROOT / "configs/tiny.yaml", ["train.garment_dropout=1.0"])
 
@@ -216,8 +220,8 @@ def test_the_training_loss_feeds_the_model_blanked_garments_at_the_dropout_rate(
              "mask": torch.ones(64, 1, 32, 64)}
     fill_loss(model, batch, text, cfg, torch.Generator().manual_seed(0), garment_dropout=0.5)
     fill_loss(model, batch, text, cfg, torch.Generator().manual_seed(0))  # validation: no dropout
-    # packed tokens: a 2x4 grid, garment half = columns 0-1; masked-image latents are channels 64-128
-    garment = seen[0].reshape(64, 2, 4, 384)[:, :, :2, 64:128]
+    # packed tokens: a 2x4 grid, garment half = columns 0-1; noisy and masked-image latents: channels 0-128
+    garment = seen[0].reshape(64, 2, 4, 384)[:, :, :2, :128]
     blanked = (garment == 0).flatten(1).all(1)
     assert 16 <= int(blanked.sum()) <= 48, int(blanked.sum())
     assert (seen[0].reshape(64, 2, 4, 384)[:, :, 2:, 64:128] != 0).all(), "the person half is never blanked"

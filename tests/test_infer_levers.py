@@ -152,11 +152,11 @@ def test_serving_and_evaluation_take_the_levers_from_the_config(tiny):
 
 def test_garment_guidance_pushes_away_from_the_garment_free_prediction(tiny):
     """``infer.garment_guidance`` s: every step runs the transformer on the canvas as given and on it
-    with the garment half's masked-image latents at 0, and takes ``free + s * (given - free)``; s=1 is
+    with the garment half's noisy and masked-image latents at 0, and takes ``free + s * (given - free)``; s=1 is
     the plain call. Checked against a hand-made guided step on the tiny base."""
     import torch
 
-    from catvton.infer.levers import MASKED_IMAGE_CHANNELS, garment_guidance
+    from catvton.infer.levers import GARMENT_FREE_CHANNELS, garment_guidance
     from catvton.infer.tryon import TryOn
 
     cfg, lora, canvas, mask = tiny
@@ -183,7 +183,7 @@ def test_garment_guidance_pushes_away_from_the_garment_free_prediction(tiny):
         with garment_guidance(t, 3.0):
             out = t(hidden_states=hidden, **kwargs)[0]
         free_in = hidden.clone()
-        free_in[:, [0, 1, 4, 5], MASKED_IMAGE_CHANNELS] = 0
+        free_in[:, [0, 1, 4, 5], GARMENT_FREE_CHANNELS] = 0
         free = t(hidden_states=free_in, **kwargs)[0]
     hook.remove()
     # calls: given (plain), given and free (guided), free (plain)

@@ -149,27 +149,40 @@ def apply_levers(pipe, infer: InferConfig, device: str | torch.device, lora_load
     return cache, applied
 
 
-MASKED_IMAGE_CHANNELS = slice(64, 128)
-"""The masked-image latents in the Fill transformer's 384 input channels (noisy 64, masked image
-64, mask 256: :func:`catvton.train.flow.fill_input`)."""
+GARMENT_FREE_CHANNELS = slice(0, 128)
+"""What the garment-free condition blanks on the garment half's tokens: the noisy latent (64) and the
+masked-image latent (64) of the Fill transformer's 384 input channels (noisy, masked image, mask:
+:func:`catvton.train.flow.fill_input`). Both: the noisy garment half carries the garment too, more
+of it with every denoising step."""
+
+
+def blank_garment_tokens(hidden: torch.Tensor, cols: torch.Tensor, which: torch.Tensor | None = None) -> torch.Tensor:
+    """``hidden`` (B, S, 384) with the garment half's tokens (``cols``, the ``img_ids`` column of each
+    token, in the left half of the grid) set to 0 in :data:`GARMENT_FREE_CHANNELS`, in the samples
+    where ``which`` (B,) is true (None: all). The condition ``train.garment_dropout`` trains and
+    :func:`garment_guidance` guides away from."""
+    out = hidden.clone()
+    garment = cols < (cols.max() + 1) / 2
+    rows = slice(None) if which is None else which
+    picked = out[rows]
+    picked[:, garment, GARMENT_FREE_CHANNELS] = 0
+    out[rows] = picked
+    return out
 
 
 @contextlib.contextmanager
 def garment_guidance(transformer: torch.nn.Module, scale: float) -> Iterator[None]:
     """Classifier-free guidance on the garment while armed: each transformer call runs twice, with
-    the canvas as given and with the garment half's masked-image latents set to 0 (the garment-free
-    condition ``train.garment_dropout`` trains), and returns ``free + scale * (given - free)``.
-    ``scale`` 1: one plain call, nothing changed. The garment half is the left half of the token
-    grid (``img_ids``' column < half the columns). Two calls a step: twice the transformer work."""
+    the canvas as given and garment-free (:func:`blank_garment_tokens`), and returns
+    ``free + scale * (given - free)``. ``scale`` 1: one plain call, nothing changed. Two passes a
+    step: twice the transformer work."""
     if scale == 1.0:
         yield
         return
     forward = transformer.forward
 
     def guided(*args, **kwargs):
-        hidden, cols = kwargs["hidden_states"], kwargs["img_ids"][:, 2]
-        free = hidden.clone()
-        free[:, cols < (cols.max() + 1) / 2, MASKED_IMAGE_CHANNELS] = 0
+        free = blank_garment_tokens(kwargs["hidden_states"], kwargs["img_ids"][:, 2])
         given = forward(*args, **kwargs)
         blank = forward(*args, **{**kwargs, "hidden_states": free})
         if isinstance(given, tuple):

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 import torch
 
 from catvton.config import Config
+from catvton.infer.levers import blank_garment_tokens
 from catvton.model.loading import load_transformer
 from catvton.model.lora import lora_config
 from catvton.train import flow
@@ -93,15 +94,6 @@ class TextContext:
         self.latent_hw = latent_hw
 
 
-def blank_garments(masked: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
-    """``masked`` (B, C, h, w) latents with the garment half (the left half of the width) set to 0
-    in the samples where ``which`` (B,) bool is true: the garment-free condition that
-    :func:`catvton.infer.levers.garment_guidance` gives the model at inference."""
-    out = masked.clone()
-    out[which, :, :, : masked.shape[-1] // 2] = 0
-    return out
-
-
 def fill_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], text: TextContext, cfg: Config,
               generator: torch.Generator, sigmas: torch.Tensor | None = None,
               garment_dropout: float = 0.0) -> torch.Tensor:
@@ -109,15 +101,12 @@ def fill_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], text: Text
 
     batch: ``target``/``masked`` (B, 16, h, w) normalised latents, ``mask`` (B, 1, 8h, 8w) in
     {0, 1}. Noise (and the noise levels, unless given) come from ``generator``. ``garment_dropout``:
-    the share of samples whose garment half is blanked in ``masked`` (:func:`blank_garments`);
+    the share of samples given garment-free (:func:`catvton.infer.levers.blank_garment_tokens`);
     training passes ``train.garment_dropout``, validation leaves it at 0.
     """
     t = cfg.train
     target, masked, mask = batch["target"], batch["masked"], batch["mask"]
     b = target.shape[0]
-    if garment_dropout > 0:
-        drop = torch.rand(b, generator=generator, device=generator.device) < garment_dropout
-        masked = blank_garments(masked, drop.to(masked.device))
     dev, dtype = text.prompt.device, text.prompt.dtype
     x0 = flow.pack_latents(target.float())  # (B, S, 64)
     noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
@@ -127,6 +116,9 @@ def fill_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], text: Text
             sigmas = flow.flux_shift(sigmas, x0.shape[1])
     xt = flow.add_noise(x0, noise, sigmas)
     inp = flow.fill_input(xt, flow.pack_latents(masked.float()), flow.pack_mask(mask.float()))
+    if garment_dropout > 0:
+        drop = torch.rand(b, generator=generator, device=generator.device) < garment_dropout
+        inp = blank_garment_tokens(inp, text.img_ids[:, 2].to(inp.device), drop.to(inp.device))
     pred = model(
         hidden_states=inp.to(dev, dtype),
         timestep=sigmas.to(dev, dtype),
