@@ -60,7 +60,8 @@ def test_listing_and_reading_the_hub_layout(hub):
 
 @pytest.mark.ray
 def test_the_setup_scan_reads_the_hub_layout_through_ray_data(hub, ray_session):
-    """Ray Data's read_parquet with the stand-in filesystem, as production passes HfFileSystem."""
+    """The setup scan's Ray Data tasks read the shards' row groups through the stand-in filesystem,
+    as production reads them through HfFileSystem (catvton.data.scan)."""
     from catvton.data.scan import scan
 
     fs, _, rows = hub
