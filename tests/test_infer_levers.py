@@ -195,3 +195,40 @@ def test_garment_guidance_pushes_away_from_the_garment_free_prediction(tiny):
 def test_garment_guidance_with_a_step_cache_is_refused():
     with pytest.raises(ConfigError, match="infer.cache='taylorseer' with infer.garment_guidance=2.0"):
         load_config(ROOT / "configs/tiny.yaml", ["infer.cache=taylorseer", "infer.garment_guidance=2.0"])
+
+
+def test_guided_calls_that_overlap_in_threads_share_one_arming(tiny):
+    """A Serve replica runs batches in threads: overlapping guided calls must not undo each other."""
+    import threading
+
+    import torch
+
+    from catvton.infer.levers import garment_guidance
+    from catvton.infer.tryon import TryOn
+
+    cfg, lora, canvas, mask = tiny
+    t = TryOn.load(cfg, lora=lora).pipe.transformer
+    inside, leave = threading.Event(), threading.Event()
+
+    def other():
+        with garment_guidance(t, 2.0):
+            inside.set()
+            leave.wait(30)
+
+    worker = threading.Thread(target=other)
+    worker.start()
+    assert inside.wait(30)
+    with garment_guidance(t, 2.0):
+        assert "forward" in vars(t)
+    assert "forward" in vars(t), "the other call is still guided"
+    with pytest.raises(RuntimeError, match="garment guidance 3.0 asked while 2.0 is armed"):
+        with garment_guidance(t, 3.0):
+            pass
+    leave.set()
+    worker.join(30)
+    assert "forward" not in vars(t) and "_garment_guidance" not in vars(t)
+    assert isinstance(t(hidden_states=torch.randn(1, 8, 384), timestep=torch.tensor([0.5]),
+                        guidance=torch.tensor([1.0]), pooled_projections=torch.zeros(1, 32),
+                        encoder_hidden_states=torch.zeros(1, 4, 32), txt_ids=torch.zeros(4, 3),
+                        img_ids=torch.tensor([[0.0, r, c] for r in range(2) for c in range(4)]),
+                        return_dict=False), tuple)

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 import io
+import threading
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -170,31 +172,48 @@ def blank_garment_tokens(hidden: torch.Tensor, cols: torch.Tensor, which: torch.
     return out
 
 
+_GUIDANCE_LOCK = threading.Lock()
+"""Guards arming and disarming: a Serve replica runs batches in threads (``asyncio.to_thread``)."""
+
+
 @contextlib.contextmanager
 def garment_guidance(transformer: torch.nn.Module, scale: float) -> Iterator[None]:
     """Classifier-free guidance on the garment while armed: each transformer call runs twice, with
     the canvas as given and garment-free (:func:`blank_garment_tokens`), and returns
     ``free + scale * (given - free)``. ``scale`` 1: one plain call, nothing changed. Two passes a
-    step: twice the transformer work."""
+    step: twice the transformer work. Calls that overlap in threads share one arming (same scale);
+    the class's own ``forward`` is back when the last one ends."""
     if scale == 1.0:
         yield
         return
-    forward = transformer.forward
-
-    def guided(*args, **kwargs):
-        free = blank_garment_tokens(kwargs["hidden_states"], kwargs["img_ids"][:, 2])
-        given = forward(*args, **kwargs)
-        blank = forward(*args, **{**kwargs, "hidden_states": free})
-        if isinstance(given, tuple):
-            return (blank[0] + scale * (given[0] - blank[0]), *given[1:])
-        given.sample = blank.sample + scale * (given.sample - blank.sample)
-        return given
-
-    transformer.forward = guided
+    with _GUIDANCE_LOCK:
+        armed = transformer.__dict__.get("_garment_guidance")
+        if armed is None:
+            armed = {"scale": scale, "calls": 0, "forward": transformer.forward}
+            transformer.__dict__["_garment_guidance"] = armed
+            transformer.forward = functools.partial(_guided_forward, armed)
+        elif armed["scale"] != scale:
+            raise RuntimeError(f"garment guidance {scale} asked while {armed['scale']} is armed on this transformer")
+        armed["calls"] += 1
     try:
         yield
     finally:
-        del transformer.forward  # the class's forward again
+        with _GUIDANCE_LOCK:
+            armed["calls"] -= 1
+            if armed["calls"] == 0:
+                del transformer.forward  # the class's forward again
+                del transformer.__dict__["_garment_guidance"]
+
+
+def _guided_forward(armed: dict, *args, **kwargs):
+    forward, scale = armed["forward"], armed["scale"]
+    free = blank_garment_tokens(kwargs["hidden_states"], kwargs["img_ids"][:, 2])
+    given = forward(*args, **kwargs)
+    blank = forward(*args, **{**kwargs, "hidden_states": free})
+    if isinstance(given, tuple):
+        return (blank[0] + scale * (given[0] - blank[0]), *given[1:])
+    given.sample = blank.sample + scale * (given.sample - blank.sample)
+    return given
 
 
 class PassCounter:
