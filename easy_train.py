@@ -123,12 +123,12 @@ def _train(cfg):
     """The Ray job on ``cfg`` (offline names resolved); a rerun that cannot continue its saved run
     on this schedule exits with code 2 and the message saying what to do."""
     from catvton.offline import resolve
-    from catvton.train.checkpoint import ScheduleChanged
+    from catvton.train.checkpoint import ResumeRefused
     from catvton.train.job import run_job
 
     try:
         return run_job(resolve(cfg), progress=True)
-    except ScheduleChanged as e:
+    except ResumeRefused as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
 

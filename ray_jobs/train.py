@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from catvton.offline import resolve
     from catvton.ray_utils import init_ray
-    from catvton.train.checkpoint import ScheduleChanged
+    from catvton.train.checkpoint import ResumeRefused
     from catvton.train.job import run_job, summary_lines
 
     init_ray(dashboard=not args.no_dashboard)  # prints the dashboard's URL and where Ray's logs go
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with source_errors_exit():  # no network, a missing or unreadable shard: a short message, exit code 2
             outcome = run_job(cfg, num_encoders=args.encoders, progress=True)
-    except ScheduleChanged as e:
+    except ResumeRefused as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print("\n== training finished ==")

@@ -16,7 +16,7 @@ import torch
 
 from catvton import artifacts
 from catvton.config import load_config
-from catvton.train.checkpoint import ScheduleChanged, load_checkpoint, resume_note, save_checkpoint
+from catvton.train.checkpoint import ModelChanged, ScheduleChanged, load_checkpoint, model_change, resume_note, save_checkpoint
 from catvton.train.engine import build_transformer, make_optimizer, trainable_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,3 +115,34 @@ def test_a_checkpoint_records_the_length_its_run_planned(cfg, tmp_path):
     saved_run(cfg, tmp_path / "ckpt", step=10, total=144)
     state = artifacts.load_training_state(tmp_path / "ckpt")
     assert (state["step"], state["total_steps"]) == (10, 144)
+
+
+def test_a_checkpoint_of_another_model_is_refused_before_anything_is_restored(cfg, tmp_path):
+    """A run name whose checkpoint trained another model (here: another LoRA rank; in the field: a
+    tiny base rebuilt wider, an upgraded alpha) is refused with what to do, not a shape error from
+    deep inside a Ray worker."""
+    import json
+
+    saved_run(cfg, tmp_path / "ckpt", step=600, total=1000)
+    wider = load_config(ROOT / "configs" / "tiny.yaml", ["model.transformer_override=null", "lora.rank=8",
+                                                         "lora.alpha=16.0"])
+    wider.model.base = cfg.model.base
+    model, _, optimizer, scheduler, generator = training(wider, 1000, seed=1)
+    before = lora_weights(model)
+    with pytest.raises(ModelChanged) as refused:
+        load_checkpoint(tmp_path / "ckpt", model, optimizer, scheduler, wider, generator, total=1000)
+    assert str(refused.value) == (
+        "run.name=tiny-lora has a checkpoint of another model (under outputs/ray/tiny-lora; lora.rank: 4 then, 8 now): "
+        "its weights cannot continue this run. Give this run a new name (--set run.name=tiny-lora-2), or, to train "
+        "this name again from step 0, delete outputs/ray/tiny-lora")
+    assert all(torch.equal(before[k], v) for k, v in lora_weights(model).items())
+
+    saved = json.loads((tmp_path / "ckpt" / artifacts.CHECKPOINT_CONFIG).read_text())
+    assert model_change(saved, cfg) == []  # the same model resumes
+    other_base = json.loads(json.dumps(saved))
+    other_base["model"]["base"] = str(tmp_path / "tiny-base-000000000000")  # a base built by other code
+    (tmp_path / "tiny-base-000000000000").mkdir()
+    assert model_change(other_base, cfg) == [f"model.base: tiny-base-000000000000 then, {Path(cfg.model.base).name} now"]
+    moved = json.loads(json.dumps(saved))
+    moved["model"]["base"] = "/elsewhere/cache/" + Path(cfg.model.base).name  # the same base, another machine
+    assert model_change(moved, cfg) == []

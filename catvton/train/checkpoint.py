@@ -73,9 +73,47 @@ def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer, scheduler, 
     (folder / artifacts.CHECKPOINT_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
 
-class ScheduleChanged(RuntimeError):
+class ResumeRefused(RuntimeError):
+    """A run name's checkpoint that this config must not resume; the message says what to do."""
+
+
+class ScheduleChanged(ResumeRefused):
     """A rerun of a run name whose checkpoint is already at (or past) the end of the new, different
     schedule: resuming would train nothing and present the old run as this one."""
+
+
+class ModelChanged(ResumeRefused):
+    """A rerun of a run name whose checkpoint trained another model (another base, transformer,
+    LoRA rank or targets, or training method): its weights cannot continue this run."""
+
+
+REFUSALS = {c.__name__: c for c in (ScheduleChanged, ModelChanged)}
+
+
+def _model_identity(model: str | None) -> str | None:
+    """A base or transformer as a run names it: a local folder by its name (the tiny models'
+    names carry the hash of what built them; a cache may sit elsewhere on another machine), a hub
+    id as is."""
+    if not model:
+        return model
+    hub_id = model.count("/") == 1 and not model.startswith(("/", ".", "~")) and not Path(model).exists()
+    return model if hub_id else Path(model).name
+
+
+def model_change(saved: dict, cfg: Config) -> list[str]:
+    """What differs between the model a checkpoint's config (``saved``, its ``config.json``)
+    trained and the one ``cfg`` trains; empty when the checkpoint can continue."""
+    now = cfg.to_dict()
+    out = []
+    for section, key in (("model", "base"), ("model", "transformer_override")):
+        a, b = saved.get(section, {}).get(key), now[section][key]
+        if _model_identity(a) != _model_identity(b):
+            out.append(f"{section}.{key}: {_model_identity(a)} then, {_model_identity(b)} now")
+    for section, key in (("train", "method"), ("lora", "rank"), ("lora", "targets")):
+        a, b = saved.get(section, {}).get(key, now[section][key]), now[section][key]
+        if a != b:
+            out.append(f"{section}.{key}: {a} then, {b} now")
+    return out
 
 
 def resume_note(saved_step: int, saved_total: int | None, total: int, cfg: Config) -> str:
@@ -101,8 +139,16 @@ def resume_note(saved_step: int, saved_total: int | None, total: int, cfg: Confi
 def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer, scheduler, cfg: Config,
                     generator: torch.Generator, total: int) -> tuple[int, list[dict], str]:
     """Restore what :func:`save_checkpoint` wrote into a run of ``total`` steps; returns (step,
-    loss history, :func:`resume_note`). Raises :class:`ScheduleChanged` before restoring
-    anything when the checkpoint cannot continue on this schedule."""
+    loss history, :func:`resume_note`). Raises :class:`ModelChanged` (another model) or
+    :class:`ScheduleChanged` (another schedule it cannot continue on) before restoring anything."""
+    saved_cfg = folder / artifacts.CHECKPOINT_CONFIG
+    changed = model_change(json.loads(saved_cfg.read_text()), cfg) if saved_cfg.is_file() else []
+    if changed:
+        raise ModelChanged(
+            f"run.name={cfg.run.name} has a checkpoint of another model (under {cfg.run.storage_path}/"
+            f"{cfg.run.name}; {'; '.join(changed)}): its weights cannot continue this run. Give this run a new "
+            f"name (--set run.name={cfg.run.name}-2), or, to train this name again from step 0, delete "
+            f"{cfg.run.storage_path}/{cfg.run.name}")
     state = artifacts.load_training_state(folder)
     note = resume_note(int(state["step"]), state.get("total_steps"), total, cfg)
     load_weights(model, folder, cfg)

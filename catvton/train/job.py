@@ -19,7 +19,7 @@ from catvton.cache.build import build_latent_cache
 from catvton.cache.read import open_split, split_files
 from catvton.config import Config
 from catvton.ray_utils import run_logs
-from catvton.train.checkpoint import ScheduleChanged
+from catvton.train.checkpoint import REFUSALS, ResumeRefused
 from catvton.train.engine import NonFiniteLoss
 from catvton.train.loop import train_loop_per_worker
 from catvton.train.progress import ProgressBar
@@ -138,8 +138,9 @@ def fit(cfg: Config, cache_dir: Path, log: Callable[[str], None] = print, log_ev
     by :func:`catvton.ray_utils.init_ray`, Ray's logs of the run (workers' output, Ray Train's
     per-report lines, Ray Data's) end up in ``<run dir>/ray_logs``.
     Raises :class:`catvton.train.engine.NonFiniteLoss` when the workers stopped on a NaN or
-    infinite loss, and :class:`catvton.train.checkpoint.ScheduleChanged` when ``run.name`` names
-    a run whose checkpoint is past this config's (different) schedule: nothing is exported then."""
+    infinite loss, and :class:`catvton.train.checkpoint.ResumeRefused` when ``run.name`` names
+    a run whose checkpoint this config must not resume (``ScheduleChanged``: past this config's
+    different schedule; ``ModelChanged``: another model): nothing is exported then."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -183,7 +184,8 @@ def fit(cfg: Config, cache_dir: Path, log: Callable[[str], None] = print, log_ev
     if result.error is not None:
         raise result.error
     if (out_dir / REFUSED).is_file():
-        raise ScheduleChanged((out_dir / REFUSED).read_text().strip())
+        kind, _, message = (out_dir / REFUSED).read_text().partition("\n")
+        raise REFUSALS.get(kind, ResumeRefused)(message.strip())
     if (out_dir / STOPPED).is_file():
         last = f" Latest checkpoint: {checkpoint_uri(result.checkpoint)}." if result.checkpoint else ""
         raise NonFiniteLoss((out_dir / STOPPED).read_text().strip() + last)

@@ -23,7 +23,7 @@ from catvton.artifacts import PLACEMENT_GROUP, REFUSED, RESUMES, STOPPED
 from catvton.cache.read import decode_batch, load_manifest, load_samples, load_text_embeds, split_files
 from catvton.config import Config, config_from_dict, steps_per_epoch, total_steps
 from catvton.infer.tryon import TryOn, grid_image
-from catvton.train.checkpoint import ScheduleChanged, load_checkpoint, save_checkpoint
+from catvton.train.checkpoint import ResumeRefused, load_checkpoint, save_checkpoint
 from catvton.train.engine import (TextContext, build_transformer, fill_loss, fixed_val_loss, make_optimizer,
                                   non_finite_message, train_step, trainable_parameters)
 from catvton.train.progress import connect
@@ -111,12 +111,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         try:
             with checkpoint.as_directory() as d:
                 step, history, note = load_checkpoint(Path(d), model, optimizer, scheduler, cfg, generator, total)
-        except ScheduleChanged as e:
+        except ResumeRefused as e:
             # Every rank reads the same checkpoint and returns here. Returning (not raising)
             # keeps Ray from retrying; the driver raises the reason (job.fit).
             if rank == 0:
                 run_dir.mkdir(parents=True, exist_ok=True)
-                (run_dir / REFUSED).write_text(str(e) + "\n")
+                (run_dir / REFUSED).write_text(f"{type(e).__name__}\n{e}\n")
             return
         if rank == 0:
             # "resumed from step 5 of 30", and why when the saved run planned another length
