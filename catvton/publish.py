@@ -131,7 +131,9 @@ def model_card(folder: Path, repo_id: str) -> str:
             f"- Pairs: the garment from one view of an item ({', '.join(d.garment_views[:3])}, ...), the person "
             "from another view of the same item; the garment cut out by its mask",
             f"- Masks: the dataset's garment mask generalised per group (upper: {cfg.mask.upper_rule}, lower: "
-            f"{cfg.mask.lower_rule}, full: {cfg.mask.full_rule}), so pants, shorts and skirts share one mask",
+            f"{cfg.mask.lower_rule}, full: {cfg.mask.full_rule})"
+            + (", so pants, shorts and skirts share one mask" if cfg.mask.lower_rule == "box_to_bottom" else
+               "; the mask follows the worn garment's outline, so a garment of another shape may not fit it"),
             f"- Canvas: [garment | person], {c.half_width}x{c.half_height} per half",
             "",
             "## Training",

@@ -231,6 +231,7 @@ def _fake_build(calls: list, fail: bool = False):
 
 
 def test_ensure_tiny_base_builds_once_under_concurrency(tmp_path, monkeypatch):
+    monkeypatch.setenv("CATVTON_PREBUILT", "0")  # build (stubbed), do not copy the shipped base
     calls: list[Path] = []
     monkeypatch.setattr(tiny, "build_tiny_base", _fake_build(calls))
     results: list[Path] = []
@@ -251,6 +252,7 @@ def test_ensure_tiny_base_builds_once_under_concurrency(tmp_path, monkeypatch):
 
 
 def test_ensure_tiny_base_crash_leaves_nothing_half_built(tmp_path, monkeypatch):
+    monkeypatch.setenv("CATVTON_PREBUILT", "0")
     monkeypatch.setattr(tiny, "build_tiny_base", _fake_build([], fail=True))
     with pytest.raises(RuntimeError, match="crashed"):
         tiny.ensure_tiny_base(tmp_path, log=lambda _: None)

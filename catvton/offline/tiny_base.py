@@ -10,7 +10,7 @@ the production path share every line of loading code. The folder is what
 
 The components, scaled down from FLUX.1-Fill-dev but wired the same way:
 
-- transformer: 2 double + 2 single blocks, 4 heads x 16 = 64 wide, ``in_channels=384``
+- transformer: 2 double + 2 single blocks, 8 heads x 16 = 128 wide, ``in_channels=384``
   (64 noisy latent + 64 masked-image latent + 256 mask), ``out_channels=64``, guidance embedding.
   Random init: the project's own fine-tuning pre-trains it.
 - VAE: 4-block ``AutoencoderKL`` (scale factor 8, 16 latent channels, no quant convs, as FLUX's),
@@ -43,6 +43,7 @@ import torch
 
 from catvton import artifacts
 from catvton.artifacts import TINY_BASE_INFO
+from catvton.offline import prebuilt
 from catvton.offline.tiny_text import build_text_encoders
 from catvton.offline.tiny_vae import (CUTOUT_SIZE, MAX_EVAL_IMAGES, PHOTO_SIZE, SYNTHETIC_IMAGE_SIZE, VAE_STEPS,
                                       latent_statistics, new_vae, reconstruction_psnr, train_vae, vae_image_sets)
@@ -55,7 +56,9 @@ BUILD_THREADS = 2
 (measured: 1 and 2 threads give other VAE weights), so it is fixed, not inherited. 2 keeps the
 build at ~6 minutes on the 2-core machines this project targets."""
 
-# Transformer: FLUX Fill wiring at 64 wide. axes_dims_rope must sum to attention_head_dim.
+# Transformer: FLUX Fill wiring at 128 wide. axes_dims_rope must sum to attention_head_dim. 64 wide
+# (4 heads) trained 2x faster but copied garments weakly: own-vs-swapped margin 2.95 / 3.39 dB on
+# full / lower against 3.25 / 4.31 at 128 (docs/PERFORMANCE.md, issue 12).
 TRANSFORMER_KWARGS: dict[str, Any] = dict(
     patch_size=1,
     in_channels=384,
@@ -63,7 +66,7 @@ TRANSFORMER_KWARGS: dict[str, Any] = dict(
     num_layers=2,
     num_single_layers=2,
     attention_head_dim=16,
-    num_attention_heads=4,
+    num_attention_heads=8,
     joint_attention_dim=32,
     pooled_projection_dim=32,
     guidance_embeds=True,
@@ -238,7 +241,8 @@ def ensure_tiny_base(
     seed: int = 0,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """The cached tiny base folder, built on first use (about 6 CPU minutes), through
+    """The cached tiny base folder, copied on first use from the repository's shipped one
+    (:mod:`catvton.offline.prebuilt`) when its key matches, else built (about 6 CPU minutes), through
     :func:`catvton.artifacts.build_once` (temporary folder, rename, a lock for concurrent callers)."""
     root = Path(cache_root).expanduser() if cache_root is not None else artifacts.cache_root()
     final = root / tiny_base_key(seed)
@@ -246,6 +250,15 @@ def ensure_tiny_base(
         return final
 
     def build(tmp: Path) -> None:
+        src = prebuilt.shipped(final.name)
+        if src is not None:
+            log(f"tiny base: copying the one shipped in the repository into {final} "
+                f"({prebuilt.SWITCH}=0 builds it instead)")
+            prebuilt.copy_into(src, tmp)
+            if not (tmp / "transformer").is_dir():  # shipped without its random init (7 MB): re-made from the seed
+                with torch.random.fork_rng(devices=[]):
+                    new_transformer(seed).save_pretrained(tmp / "transformer")
+            return
         log(f"building the tiny FLUX Fill base into {final} (once; cached afterwards)")
         build_tiny_base(tmp, seed=seed, log=log)
 
