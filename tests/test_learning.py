@@ -1,7 +1,8 @@
 """Does the default job learn? (marker ``slow``: the whole default job, ~10 CPU minutes, then the
 one evaluation, :func:`catvton.eval.report.evaluate`, on every held-out pair.) Thresholds are half
 of the smallest margins seen over seeds 0, 1 and 2 with ``python bench/learning_margins.py --seeds
-0 1 2`` on the same evaluation (docs/PERFORMANCE.md).
+0 1 2`` on the same evaluation (docs/PERFORMANCE.md); the garment-transfer margins must reach issue
+12's bar of 3 dB.
 
     python -m pytest -m slow tests/test_learning.py
 """
@@ -15,26 +16,27 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# smallest margins over 3 seeds (docs/PERFORMANCE.md, "Does the default job learn?"), halved and
-# rounded down; half_psnr margins are not listed: they equal the masked_psnr ones (outside the mask
-# every model keeps the input, so the per-image offset between the two PSNRs cancels in a margin)
-HALF_SMALLEST = {  # from outputs/learning_margins.json, 2026-11-29 (3000 steps, the VAE that keeps colours)
-    "lower_masked_psnr_vs_alpha": 1.04, "lower_masked_ssim_vs_alpha": 0.077, "lower_half_ssim_vs_alpha": 0.016,
-    "lower_masked_psnr_vs_grey": 1.99, "lower_masked_ssim_vs_grey": 0.087, "lower_half_ssim_vs_grey": 0.030,
-    "full_masked_psnr_vs_alpha": 0.73, "full_masked_ssim_vs_alpha": 0.048, "full_half_ssim_vs_alpha": 0.018,
-    "full_masked_psnr_vs_grey": 1.99, "full_masked_ssim_vs_grey": 0.045, "full_half_ssim_vs_grey": 0.039,
-    # does the person wear the garment given? own-vs-swapped garment margins (seen 2.47, 1.59, 3.19)
-    "lower_transfer_margin_db": 1.23, "full_transfer_margin_db": 0.79, "upper_alpha_transfer_margin_db": 1.59,
+# smallest margins over 3 seeds (docs/PERFORMANCE.md, "The default job now"), halved and rounded
+# down; half_psnr margins are not listed: they equal the masked_psnr ones (outside the mask every
+# model keeps the input, so the per-image offset between the two PSNRs cancels in a margin)
+HALF_SMALLEST = {  # from outputs/learning_margins.json, 2026-12-06 (128 wide, hull masks, flux_shift, 3000 steps)
+    "lower_masked_psnr_vs_alpha": 1.40, "lower_masked_ssim_vs_alpha": 0.087, "lower_half_ssim_vs_alpha": 0.010,
+    "lower_masked_psnr_vs_grey": 2.37, "lower_masked_ssim_vs_grey": 0.166, "lower_half_ssim_vs_grey": 0.027,
+    "full_masked_psnr_vs_alpha": 0.76, "full_masked_ssim_vs_alpha": 0.036, "full_half_ssim_vs_alpha": 0.008,
+    "full_masked_psnr_vs_grey": 1.97, "full_masked_ssim_vs_grey": 0.085, "full_half_ssim_vs_grey": 0.030,
 }
-# colour following: the issue's bar (0.8 on lower), on every group (seen at least 0.848, 0.878, 0.927)
+# does the person wear the garment given? The own-vs-swapped garment margins must reach issue 12's
+# bar itself, not half of it: seen 4.11-4.14 (lower), 3.17 on every seed (full), 3.49 (the alpha on
+# tops); the spread over seeds is under 0.04 dB, and the base and alpha are the shipped ones
+TRANSFER_BAR_DB = {"lower_transfer_margin_db": 3.0, "full_transfer_margin_db": 3.0,
+                   "upper_alpha_transfer_margin_db": 3.0}
+# colour following: the issue's bar (0.8 on lower), on every group (seen at least 0.914, 0.912, 0.934)
 COLOUR_FOLLOWING_FLOOR = {"lower_colour_following": 0.8, "full_colour_following": 0.8,
                           "upper_alpha_colour_following": 0.8}
-# "tops stay about as good as the alpha's": a drop of at most 1 dB and 0.06 masked SSIM (seen: -0.94,
-# -0.94 and -1.06 dB, at worst -0.056; the seed-0 run this test trains is at -0.94)
+# "tops stay about as good as the alpha's": a drop of at most 1 dB and 0.06 masked SSIM (seen: no
+# drop, +0.13 to +0.19 dB and +0.016 to +0.019 over the alpha; the box-mask preset lost ~1 dB)
 UPPER_TOLERANCE = {"upper_masked_psnr_vs_alpha": 1.0, "upper_masked_ssim_vs_alpha": 0.06}
-# the lower-body val loss of the LoRA against the alpha's, end / start: seen at most 0.574. It was
-# 0.481 with the VAE of 2026-11-28 (its bar: 0.5); the VAE that keeps colours has other latents,
-# and their loss does not fall as far.
+# the lower-body val loss of the LoRA against the alpha's, end / start: seen at most 0.570
 VAL_RATIO_CEILING = 0.65
 
 
@@ -57,6 +59,8 @@ def test_default_job_learns_lower_body_and_keeps_tops(tmp_path, ray_session):
     assert m["val_lower_end_over_start"] <= VAL_RATIO_CEILING, m
     for k, floor in HALF_SMALLEST.items():
         assert m[k] > floor, (k, m[k], floor)
+    for k, bar in TRANSFER_BAR_DB.items():
+        assert m[k] >= bar, (k, m[k], bar)
     for k, floor in COLOUR_FOLLOWING_FLOOR.items():
         assert m[k] > floor, (k, m[k], floor)
     for k, tolerance in UPPER_TOLERANCE.items():
