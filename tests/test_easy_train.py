@@ -95,7 +95,10 @@ def test_easy_train_test_prints_the_plan_of_the_tiny_model_it_trains(ray_session
 def test_easy_train_test_is_a_proof_run_with_a_report(ray_session, tmp_path):
     from catvton.offline.alpha import is_alpha
 
-    result = invoke("test", "--steps", "6", *sets(tmp_path, "run.wandb_mode=disabled"))  # the default --gpu L40S
+    # lr 1e-3: at the preset's 4e-3 after 2 warm-up steps the first 6 steps unsettle the shipped alpha
+    # on every group (the default proof run, 30 steps with 20 of warm-up on the whole set, does fall:
+    # 0.65 -> 0.61), and the report rightly says the loss did not fall; this test is about the report
+    result = invoke("test", "--steps", "6", *sets(tmp_path, "run.wandb_mode=disabled", "train.lr=1e-3"))  # the default --gpu L40S
     run_dir = tmp_path / "out" / "tiny-lora-test"
     assert result.exit_code == 0, result.output
     out = result.output
