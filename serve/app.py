@@ -26,7 +26,6 @@ import hmac
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -40,10 +39,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from catvton.infer.batching import Batcher
-from catvton.infer.request import (FORMATS, InputError, Photo, encode_image, paste_generated, parse_size, read_mask,
-                                   read_photo)
+from catvton.infer.outfit import OutfitRequest, Piece
+from catvton.infer.request import FORMATS, InputError
 from catvton.infer.serving import ServeConfig, TryOnService, serve_config_from_dict
 from catvton.offline import resolve
+from serve.uploads import PieceUpload, answer, decode_request
 
 log = logging.getLogger("ray.serve")
 PAGE = Path(__file__).with_name("page.html")
@@ -207,11 +207,17 @@ def create_api(settings: ServeConfig, backend: Backend) -> FastAPI:
 
     @app.post(
         "/v1/tryon",
-        summary="Try a garment on a person",
+        summary="Dress a person in a garment, or in an outfit (a top and a bottom, or a full garment)",
+        description="One garment: `garment` + `garment_type`. An outfit: `upper` and/or `lower`, or `full`, each "
+                    "with its optional `<region>_mask`. Passes run top first, then bottom (`/v1/info` "
+                    "`outfit_order`); outside the union of the general masks every pixel is the upload's. A "
+                    "garment photo is a product shot, or a photo of someone wearing it: then send its "
+                    "`..._garment_mask` (or `..._worn=true` where the server has a parser) and it is cut out as "
+                    "training cuts it.",
         response_class=Response,
         responses={
             200: {"content": {**{t: {} for t in FORMATS.values()}, "application/json": {}},
-                  "description": "The person wearing the garment, at the person photo's size"},
+                  "description": "The person wearing the garment(s), at the person photo's size"},
             401: {"description": "Missing or wrong API key"},
             413: {"description": "Body or image too large (`field` names it)"},
             422: {"description": "A field is missing or unusable (`field` names it)"},
@@ -220,14 +226,30 @@ def create_api(settings: ServeConfig, backend: Backend) -> FastAPI:
     )
     async def tryon(
         person: UploadFile = File(..., description="Photo of the person (PNG/JPEG/WebP)"),
-        garment: UploadFile = File(..., description="Product photo of the garment"),
-        garment_type: Literal["upper", "lower", "full"] = Form(..., description="Garment group"),
-        mask: UploadFile | None = File(None, description="Worn-garment mask, the person photo's size "
+        garment: UploadFile | None = File(None, description="One garment: its photo (a product shot, or a worn "
+                                                             "photo with `garment_mask`)"),
+        garment_type: Literal["upper", "lower", "full"] | None = Form(None, description="Region of `garment`"),
+        mask: UploadFile | None = File(None, description="Worn-garment mask for `garment`, the person photo's size "
                                                          "(white = garment); generalised like in training. "
                                                          "Left out: made by the server's parser, if it has one"),
+        garment_mask: UploadFile | None = File(None, description="`garment` is a worn photo: the garment on it "
+                                                                 "(white), the garment photo's size"),
+        garment_worn: bool = Form(False, description="`garment` is a worn photo; the parser finds the garment"),
+        upper: UploadFile | None = File(None, description="Outfit: the top's photo"),
+        upper_mask: UploadFile | None = File(None, description="The person's top region (white); else the parser"),
+        upper_garment_mask: UploadFile | None = File(None, description="`upper` is a worn photo: the top on it"),
+        upper_worn: bool = Form(False, description="`upper` is a worn photo; the parser finds the top"),
+        lower: UploadFile | None = File(None, description="Outfit: the bottom's photo"),
+        lower_mask: UploadFile | None = File(None, description="The person's bottom region (white); else the parser"),
+        lower_garment_mask: UploadFile | None = File(None, description="`lower` is a worn photo: the bottom on it"),
+        lower_worn: bool = Form(False, description="`lower` is a worn photo; the parser finds the bottom"),
+        full: UploadFile | None = File(None, description="Outfit: a full-body garment (worn alone)"),
+        full_mask: UploadFile | None = File(None, description="The person's full-body region (white); else the parser"),
+        full_garment_mask: UploadFile | None = File(None, description="`full` is a worn photo: the garment on it"),
+        full_worn: bool = Form(False, description="`full` is a worn photo; the parser finds the garment"),
         steps: int | None = Form(None, ge=1, le=1000, description="Denoising steps (default from the model config)"),
         guidance: float | None = Form(None, ge=0.0, le=100.0, description="Guidance"),
-        seed: int | None = Form(None, ge=0, le=2**32 - 1, description="Noise seed"),
+        seed: int | None = Form(None, ge=0, le=2**32 - 1, description="Noise seed (pass k of an outfit: seed + k)"),
         size: str | None = Form(None, max_length=16, description="Canvas half WIDTHxHEIGHT, multiples of 16"),
         image_format: Literal["jpeg", "webp", "png"] | None = Form(
             None, alias="format", description="Answer format; default: the person upload's (a JPEG for a "
@@ -239,8 +261,12 @@ def create_api(settings: ServeConfig, backend: Backend) -> FastAPI:
         if output == "png" and image_format not in (None, "png"):
             return error(422, "format", f"output=png asks for a PNG but format={image_format}: send output=image")
         try:
-            decoded = await run_in_threadpool(_decode, settings, await model_canvas(), person, garment, mask,
-                                              garment_type, steps, guidance, seed, size)
+            uploads = [PieceUpload("garment", garment, garment_type, mask, garment_mask, garment_worn, True),
+                       PieceUpload("upper", upper, "upper", upper_mask, upper_garment_mask, upper_worn),
+                       PieceUpload("lower", lower, "lower", lower_mask, lower_garment_mask, lower_worn),
+                       PieceUpload("full", full, "full", full_mask, full_garment_mask, full_worn)]
+            decoded = await run_in_threadpool(decode_request, settings, await model_canvas(), person, uploads, steps,
+                                              guidance, seed, size)
             sent = time.perf_counter()
             # a phone photo is turned upright at full size while the model runs
             turned = None if decoded.person.upright_ready else asyncio.ensure_future(
@@ -257,58 +283,24 @@ def create_api(settings: ServeConfig, backend: Backend) -> FastAPI:
             return error(result["status"], result["error"]["field"], result["error"]["error"])
         back = time.perf_counter()
         fmt = image_format or ("png" if output == "png" else decoded.person.format)
-        body, spans = await run_in_threadpool(_answer, decoded, result, fmt)
+        body, spans = await run_in_threadpool(answer, decoded, result, fmt)
         # where the time went (ms), for browsers' dev tools and bench/big_photo.py: decode, the model
         # replica's prepare and model (the pipeline call of the request's batch), paste and encode
         spans = {"decode": sent - decoded.started, "prepare": result["prepare_s"], "model": result["model_s"],
                  "call": back - sent, **spans, "total": time.perf_counter() - start}
         meta = {"seed": result["seed"], "steps": result["steps"], "guidance": result["guidance"],
-                "mask_source": result["mask_source"], "garment_type": garment_type}
+                "mask_source": result["mask_source"], "garment_type": ",".join(result["regions"]),
+                "regions": ",".join(result["regions"])}
         width, height = decoded.person.size
         if output == "json":
             # image_png_base64 for a PNG, as before `format` existed; image_jpeg_base64 ... otherwise
             return JSONResponse({f"image_{fmt}_base64": base64.b64encode(body).decode(), "media_type": FORMATS[fmt],
-                                 "width": width, "height": height, **meta})
+                                 "width": width, "height": height, **meta, "regions": result["regions"]})
         headers = {f"X-Tryon-{k.replace('_', '-').title()}": str(v) for k, v in meta.items()}
         headers["Server-Timing"] = ", ".join(f"{k};dur={v * 1000:.1f}" for k, v in spans.items())
         return Response(body, media_type=FORMATS[fmt], headers=headers)
 
     return app
-
-
-@dataclass
-class Decoded:
-    """A request's fields, read and checked: the person photo kept here, the model's part in ``payload``."""
-
-    person: Photo
-    payload: dict[str, Any]
-    started: float
-
-
-def _decode(settings: ServeConfig, canvas: dict[str, Any], person: UploadFile, garment: UploadFile,
-            mask: UploadFile | None, garment_type: str, steps, guidance, seed, size) -> Decoded:
-    """Read and check every field (in a thread: decoding large images takes time). Each image is
-    decoded once; the model gets copies at the resolution its canvas needs."""
-    started = time.perf_counter()
-    if steps is not None and steps > settings.max_steps:
-        raise InputError("steps", f"steps={steps}: at most {settings.max_steps}")
-    limits = settings.limits
-    half_hw = parse_size(size, settings.max_half_pixels)
-    half = half_hw or (canvas["half_height"], canvas["half_width"])
-    p = read_photo(person.file.read(), "person", limits, half, canvas["person_fit"])
-    g = read_photo(garment.file.read(), "garment", limits, half, "pad")  # garment_cutout pads
-    m = read_mask(mask.file.read(), "mask", limits, p) if mask is not None else None
-    return Decoded(p, {"person": p.work, "garment": g.work, "mask": m, "group": garment_type, "seed": seed,
-                       "steps": steps, "guidance": guidance, "half_hw": half_hw}, started)
-
-
-def _answer(decoded: Decoded, result: dict[str, Any], fmt: str) -> tuple[bytes, dict[str, float]]:
-    """The try-on pasted onto the upload at its own size, encoded; and the seconds each took."""
-    t0 = time.perf_counter()
-    image = paste_generated(decoded.person.full, result["half"], result["general"], result["fit"])
-    t1 = time.perf_counter()
-    body = encode_image(image, fmt, decoded.person.icc_profile)
-    return body, {"paste": t1 - t0, "encode": time.perf_counter() - t1}
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,18 +324,27 @@ class TryOnModel:
         self.batcher = Batcher(self.generate, self.settings.max_batch_size, self.settings.batch_wait_timeout_s)
 
     async def tryon(self, payload: dict[str, Any]) -> dict[str, Any]:
-        """``payload``: the ingress's arrays at the working size; answers :meth:`TryOnService.reply`
-        plus ``prepare_s`` and ``model_s`` (the pipeline call of the batch this request was in)."""
+        """``payload``: the ingress's arrays at the working size (the person and one piece per
+        garment); answers :meth:`catvton.infer.serving.Dressing.reply` plus ``prepare_s`` and
+        ``model_s`` (the pipeline calls of the batches this request's passes were in)."""
         t0 = time.perf_counter()
+        prepare_s = model_s = 0.0
         try:
-            job = await asyncio.to_thread(self.service.prepare, payload["person"], payload["garment"],
-                                          payload["mask"], payload["group"], payload["seed"], payload["steps"],
-                                          payload["guidance"], payload["half_hw"])
+            request = OutfitRequest(payload["person"], [Piece(**piece) for piece in payload["pieces"]],
+                                    payload["seed"], payload["steps"], payload["guidance"], payload["half_hw"])
+            dressing = await asyncio.to_thread(self.service.start, request)
+            while True:  # one pass per garment, each through the batcher with other requests' passes
+                t1 = time.perf_counter()
+                job = await asyncio.to_thread(dressing.next_job)
+                prepare_s += time.perf_counter() - t1
+                if job is None:
+                    break
+                result, seconds = await self.batcher.submit(job)
+                model_s += seconds
+                dressing.done(job, result)
         except InputError as e:
             return {"error": e.to_dict(), "status": e.status}
-        prepare_s = time.perf_counter() - t0
-        result, model_s = await self.batcher.submit(job)
-        return {**self.service.reply(job, result), "prepare_s": prepare_s, "model_s": model_s}
+        return {**dressing.reply(), "prepare_s": prepare_s, "model_s": model_s, "replica_s": time.perf_counter() - t0}
 
     async def generate(self, jobs: list) -> list[tuple[np.ndarray, float]]:
         """One batch: canvases and the seconds the pipeline took for all of them."""

@@ -103,7 +103,8 @@ def test_a_photo_much_larger_than_the_canvas_reaches_the_model_reduced_and_comes
     out = image_of(tryon(client, encoded(person, orientation=orientation), png(mask.astype(np.uint8) * 255),
                          format="png"))
     sent = model.payloads[-1]
-    assert sent["person"].shape == (round(h * scale), round(w * scale), 3) and sent["mask"].shape == sent["person"].shape[:2]
+    assert sent["person"].shape == (round(h * scale), round(w * scale), 3)
+    assert sent["pieces"][0]["mask"].shape == sent["person"].shape[:2]
     assert out.shape == person.shape
     changed = np.any(out != person, axis=2)
     assert changed.sum() > 0.5 * mask.sum(), "the garment's region was repainted"

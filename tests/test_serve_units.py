@@ -196,8 +196,11 @@ def test_auth_and_body_limit_without_ray():
         """Answers a grey person half over the request's mask, as a model replica's reply would."""
 
         async def tryon(self, payload):
-            return {"half": np.full((128, 96, 3), 128, np.uint8), "general": payload["mask"], "fit": "crop",
-                    "seed": 0, "steps": 1, "guidance": 1.0, "mask_source": "request", "prepare_s": 0.0, "model_s": 0.0}
+            (piece,) = payload["pieces"]
+            return {"passes": [{"region": piece["region"], "half": np.full((128, 96, 3), 128, np.uint8),
+                                "general": piece["mask"], "mask_source": "request"}], "fit": "crop",
+                    "seed": 0, "steps": 1, "guidance": 1.0, "mask_source": "request", "regions": [piece["region"]],
+                    "prepare_s": 0.0, "model_s": 0.0}
 
         async def info(self):
             return {"base": "stand-in", "canvas": {"half_width": 96, "half_height": 128, "person_fit": "crop"}}

@@ -248,15 +248,18 @@ def parse_size(size: str | None, max_half_pixels: int) -> tuple[int, int] | None
 
 
 def request_sample(person: np.ndarray, garment: np.ndarray, garment_mask: np.ndarray, group: str,
-                   cfg: Config, half_hw: tuple[int, int]) -> TryOnSample:
+                   cfg: Config, half_hw: tuple[int, int], worn_mask: np.ndarray | None = None) -> TryOnSample:
     """The canvas and general mask canvas of one request, by the training code.
 
-    ``garment`` is a product photo: all of it is the garment (the cut-out keeps it whole and fits
-    it with the configured margin). ``garment_mask`` marks the garment worn on ``person``, from the
-    request or the auto-masker; :func:`build_sample` generalises it with the training rule."""
+    ``garment`` is a product photo (``worn_mask`` None: all of it is the garment; the cut-out keeps
+    it whole and fits it with the configured margin) or a photo of someone wearing it, with
+    ``worn_mask`` marking the garment there: then it is cut out as training cuts it, and the
+    canvas is the training pair builder's for the same two photos. ``garment_mask`` marks the
+    garment worn on ``person``, from the request or the auto-masker; :func:`build_sample`
+    generalises it with the training rule."""
     canvas = canvas_at(cfg.canvas, half_hw)
-    whole = np.ones(garment.shape[:2], dtype=bool)
-    return build_sample(garment, whole, person, garment_mask, group, canvas, cfg.mask)
+    cut = np.ones(garment.shape[:2], dtype=bool) if worn_mask is None else worn_mask
+    return build_sample(garment, cut, person, garment_mask, group, canvas, cfg.mask)
 
 
 def canvas_at(canvas: CanvasConfig, half_hw: tuple[int, int]) -> CanvasConfig:

@@ -35,6 +35,7 @@ from catvton.config import Config, ConfigError, apply_mapping, apply_overrides, 
 from catvton.infer.automask import AutoMasker
 from catvton.data.canvas import to_uint8
 from catvton.data.masks import general_mask
+from catvton.infer.outfit import ORDER, Dressed, Dressing, OutfitRequest
 from catvton.infer.request import ImageLimits, InputError, paste_generated, request_sample
 from catvton.infer.tryon import TryOn
 from catvton.schema import GROUPS
@@ -251,35 +252,75 @@ class TryOnService:
             "defaults": {"steps": c.infer.steps, "guidance": c.infer.guidance, "seed": c.infer.seed},
             "max_steps": self.settings.max_steps, "auto_mask": self.masker is not None,
             "parser": self.settings.parser or None, "garment_types": list(GROUPS),
+            "regions": list(GROUPS), "outfit_order": list(ORDER), "worn_garments": True,
         }
 
     def prepare(self, person: np.ndarray, garment: np.ndarray, mask: np.ndarray | None, group: str,
                 seed: int | None, steps: int | None, guidance: float | None,
-                half_hw: tuple[int, int] | None) -> Job:
-        """Mask (request or auto), canvas and parameters of one request; :class:`InputError` if unusable."""
+                half_hw: tuple[int, int] | None, garment_mask: np.ndarray | None = None,
+                worn: bool = False, mask_source: str | None = None) -> Job:
+        """Mask (request or auto), canvas and parameters of one pass; :class:`InputError` if unusable.
+
+        ``garment_mask``: the garment photo is a worn photo and this marks the garment on it (cut
+        out as training does); ``worn`` without it: the parser finds it. Error fields are the
+        single-garment API's (``garment``, ``mask``, ``garment_mask``, ``garment_worn``);
+        :meth:`dress_many` renames them after the outfit's fields. ``mask_source``: where a
+        given ``mask`` came from (default ``request``)."""
         if group not in GROUPS:
             raise InputError("garment_type", f"{group!r} is not a garment type: choose from {list(GROUPS)}")
         if steps is not None and not 1 <= steps <= self.settings.max_steps:
             raise InputError("steps", f"steps={steps}: choose 1 to {self.settings.max_steps}")
-        source = "request"
+        source = mask_source or "request"
         if mask is None:
-            if self.masker is None:
-                raise InputError("mask", "this server has no human parser configured: send a mask "
-                                         "(white = the worn garment, the person photo's size)")
-            mask, general = self.masker.general(person, group, self.cfg.mask)
-            if not general.any():
-                raise InputError("mask", f"the parser found no {group} garment on the person: send a mask")
+            mask = self.person_mask(person, group)
             source = "auto"
-        else:
-            general = general_mask(mask, group, self.cfg.mask)
+        elif mask.shape != person.shape[:2]:
+            raise InputError("mask", f"mask is {mask.shape[1]}x{mask.shape[0]} but the person photo is "
+                                     f"{person.shape[1]}x{person.shape[0]}: send a mask of the person photo's size")
+        general = general_mask(mask, group, self.cfg.mask)
+        garment_mask = self.worn_garment_mask(garment, garment_mask, group, worn)
         half_hw = half_hw or (self.cfg.canvas.half_height, self.cfg.canvas.half_width)
-        sample = request_sample(person, garment, mask, group, self.cfg, half_hw)
+        sample = request_sample(person, garment, mask, group, self.cfg, half_hw, worn_mask=garment_mask)
         if not sample.mask_canvas.any():
             raise InputError("mask", "the mask vanishes at the canvas size: mark a larger region")
         return Job(sample.canvas, sample.mask_canvas, person, mask, general, group,
                    self.cfg.infer.seed if seed is None else int(seed),
                    self.cfg.infer.steps if steps is None else int(steps),
                    self.cfg.infer.guidance if guidance is None else float(guidance), source)
+
+    def person_mask(self, person: np.ndarray, group: str) -> np.ndarray:
+        """The auto-masker's mask of the ``group`` garment worn in ``person``; :class:`InputError`
+        when there is no parser or it finds nothing."""
+        if self.masker is None:
+            raise InputError("mask", "this server has no human parser configured: send a mask "
+                                     "(white = the worn garment, the person photo's size)")
+        mask, general = self.masker.general(person, group, self.cfg.mask)
+        if not general.any():
+            raise InputError("mask", f"the parser found no {group} garment on the person: send a mask")
+        return mask
+
+    def worn_garment_mask(self, garment: np.ndarray, garment_mask: np.ndarray | None, group: str,
+                          worn: bool) -> np.ndarray | None:
+        """The garment's mask on a worn garment photo (the request's, checked, or the parser's);
+        None for a product shot."""
+        if garment_mask is not None:
+            if garment_mask.shape != garment.shape[:2]:
+                raise InputError("garment_mask", f"garment mask is {garment_mask.shape[1]}x{garment_mask.shape[0]} "
+                                                 f"but the garment photo is {garment.shape[1]}x{garment.shape[0]}: "
+                                                 "send a mask of the garment photo's size")
+            if not garment_mask.any():
+                raise InputError("garment_mask", "garment mask is empty: mark the garment on the garment photo in white")
+            return garment_mask
+        if not worn:
+            return None
+        if self.masker is None:
+            raise InputError("garment_worn", "this server has no human parser configured to find the garment on a "
+                                             "worn photo: send garment_mask (white = the garment), or a product shot")
+        found = self.masker.garment_mask(garment, group)
+        if not found.any():
+            raise InputError("garment_worn", f"the parser found no {group} garment on the garment photo: send "
+                                             "garment_mask")
+        return found
 
     def generate(self, jobs: list[Job]) -> list[np.ndarray]:
         """Generated canvases, one pipeline call per batch key; each job's noise comes from its own
@@ -312,3 +353,39 @@ class TryOnService:
         :meth:`reply`, on ``job.person``)."""
         r = self.reply(job, result)
         return np.asarray(paste_generated(Image.fromarray(job.person), r["half"], r["general"], r["fit"]))
+
+    # ----------------------------------------------------------------------------------------
+    # Outfits: one garment per region, a pass each (catvton.infer.outfit)
+
+    @classmethod
+    def from_config(cls, cfg: Config, lora: str | Path | None = None, device: str = "cpu", masker=None,
+                    settings: ServeConfig | None = None) -> "TryOnService":
+        """A service for evaluation and batch jobs: ``cfg`` names concrete folders or hub ids
+        (entry points resolve offline names first), ``lora`` a LoRA folder or None; float32 on
+        the CPU, bf16 on a GPU. ``settings``: request limits (default :class:`ServeConfig`'s)."""
+        import torch
+
+        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+        tryon = TryOn.load(cfg, lora=lora, device=device, dtype=dtype)
+        return cls(settings or ServeConfig(), cfg, tryon, Path(lora) if lora is not None else None, masker)
+
+    def start(self, request: OutfitRequest) -> Dressing:
+        """``request`` checked (regions, masks, worn garments: every :class:`InputError` before
+        any model call) and ready for its first pass."""
+        return Dressing(self, request)
+
+    def dress(self, request: OutfitRequest) -> Dressed:
+        """The person of ``request`` wearing its garments (:mod:`catvton.infer.outfit`)."""
+        return self.dress_many([request])[0]
+
+    def dress_many(self, requests: list[OutfitRequest]) -> list[Dressed]:
+        """Every request dressed: pass ``k`` of all requests that have one runs as one batch
+        (:meth:`generate`: one pipeline call per canvas size and step count), each with its own
+        seed, so a picture does not depend on what it was batched with."""
+        dressings = [self.start(r) for r in requests]
+        while True:
+            pending = [(d, job) for d in dressings if (job := d.next_job()) is not None]
+            if not pending:
+                return [d.dressed() for d in dressings]
+            for (d, job), result in zip(pending, self.generate([job for _, job in pending])):
+                d.done(job, result)
