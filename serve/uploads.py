@@ -48,12 +48,13 @@ class PieceUpload:
         """Whether this slot is used; a mask without its garment, or a garment without its
         region, is an :class:`InputError`."""
         if self.garment is None:
-            stray = [n for n, v in (("mask", self.mask), ("garment_mask", self.garment_mask)) if v is not None]
-            if stray or self.worn:
-                name = self.fields().get(stray[0] if stray else "worn", f"{self.prefix}_{stray[0] if stray else 'worn'}")
-                raise InputError(name, f"{name} without {self.prefix}: send the garment photo too")
-            if self.single and self.region is not None:
-                raise InputError("garment", "garment_type without garment: send the garment photo")
+            names = {**self.fields(), "garment_type": "garment_type"}
+            stray = [names.get(n, f"{self.prefix}_{n}") for n, v in
+                     (("mask", self.mask), ("garment_mask", self.garment_mask), ("worn", self.worn),
+                      ("garment_type", self.single and self.region)) if v]
+            if stray:
+                raise InputError(self.prefix, f"{', '.join(stray)} sent without {self.prefix}: send the garment photo "
+                                              f"as {self.prefix}")
             return False
         if self.region is None:
             raise InputError("garment_type", "garment_type is required with garment: upper, lower or full "

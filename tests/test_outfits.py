@@ -149,7 +149,7 @@ def test_full_with_upper_or_lower_is_a_422_naming_full(client, person):
 @pytest.mark.parametrize("files, data, field", [
     ({}, {}, "garment"),                                                      # nothing to wear
     ({"garment": "G"}, {}, "garment_type"),                                   # old API without its region
-    ({"lower_mask": "M"}, {}, "lower_mask"),                                  # a mask without its garment
+    ({"lower_mask": "M"}, {}, "lower"),                                       # a mask without its garment
     ({"garment": "G", "lower": "G"}, {"garment_type": "lower"}, "lower"),     # two garments for one region
     ({"upper": "G", "upper_garment_mask": "SMALL"}, {}, "upper_garment_mask"),  # not the garment photo's size
     ({"lower": "G"}, {"lower_worn": "true"}, "lower_worn"),                   # worn, no garment mask, no parser
