@@ -18,7 +18,7 @@ from PIL import Image
 from serve_helpers import InProcessModel, encoded, png
 
 from catvton.data.masks import dilate, general_mask
-from catvton.infer.request import ImageLimits, read_photo, work_scale
+from catvton.infer.request import ImageLimits, InputError, read_photo, work_scale
 
 HALF = (128, 96)  # the tiny config's canvas half (H, W)
 GARMENT = np.full((60, 40, 3), (200, 40, 40), np.uint8)
@@ -148,10 +148,19 @@ def test_read_photo_reduces_only_what_is_larger_than_the_canvas_needs():
     limits = ImageLimits()
     small = read_photo(png(np.zeros((300, 200, 3), np.uint8)), "person", limits, HALF, "crop")
     assert small.work.shape == (300, 200, 3), "reducing would keep over half the pixels: not reduced"
-    big = read_photo(encoded(np.zeros((1200, 900, 3), np.uint8), "JPEG"), "person", limits, HALF, "crop")
-    assert big.upright_ready and big.full.size == (900, 1200) and big.work.shape == (256, 192, 3)
+    gradient = np.stack(np.broadcast_arrays(*np.ogrid[0:1200, 0:900], 0), -1)
+    photo = ((gradient * [0.2, 0.28, 0]) % 256).astype(np.uint8)
+    big = read_photo(encoded(photo, "JPEG", quality=95), "person", limits, HALF, "crop")
+    assert big.work.shape == (256, 192, 3)
+    assert not big.upright_ready, "a JPEG's model copy is decoded reduced; the full size is decoded later"
+    assert big.full.size == (900, 1200) and big.upright_ready
+    reference = np.asarray(Image.fromarray(photo).resize((192, 256), Image.BILINEAR, reducing_gap=2.0))
+    assert np.abs(big.work.astype(int) - reference).mean() < 2, "the reduced decode is the reduced photo"
+    truncated = encoded(photo, "JPEG", quality=95)[:-4000]
+    with pytest.raises(InputError, match="truncated"):
+        read_photo(truncated, "person", limits, HALF, "crop")
     phone = read_photo(encoded(np.zeros((1200, 900, 3), np.uint8), "JPEG", orientation=6), "person", limits, HALF,
                        "crop")
-    assert phone.stored.size == (1200, 900) and phone.size == (900, 1200) and phone.work.shape == (256, 192, 3)
+    assert phone.source.size == (1200, 900) and phone.size == (900, 1200) and phone.work.shape == (256, 192, 3)
     assert not phone.upright_ready, "the full-size turn is left for later (the server: while the model runs)"
     assert phone.full.size == (900, 1200) and phone.upright_ready

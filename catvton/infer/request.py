@@ -85,8 +85,10 @@ class ImageLimits:
 class Photo:
     """An uploaded photo: the upload's pixels for the answer, a smaller upright copy for the model."""
 
-    stored: Image.Image
-    """RGB, the pixels in the file's order (a phone's portrait photo: sideways)."""
+    source: Image.Image
+    """The opened upload, the pixels in the file's order (a phone's portrait photo: sideways);
+    decoded already, or at the first use of :attr:`stored` (a JPEG whose model copy was decoded
+    reduced: :func:`read_photo`)."""
     orientation: int
     """Its EXIF orientation (:data:`TURNS`); 1: stored upright."""
     work: np.ndarray
@@ -100,23 +102,31 @@ class Photo:
     @property
     def size(self) -> tuple[int, int]:
         """``(width, height)`` upright: what a browser shows, and what a mask must have."""
-        return _upright_size(self.stored.size, self.orientation)
+        return _upright_size(self.source.size, self.orientation)
 
     @property
     def upright_ready(self) -> bool:
-        """Whether :attr:`full` costs nothing now: stored upright, or turned already."""
-        return self.orientation not in TURNS or "full" in self.__dict__
+        """Whether :attr:`full` costs nothing now: decoded and stored upright, or made already."""
+        return "full" in self.__dict__ or (self.orientation not in TURNS and "stored" in self.__dict__)
+
+    @functools.cached_property
+    def stored(self) -> Image.Image:
+        """RGB at the upload's stored size (transparency over white: the dataset's rule)."""
+        img = self.source
+        img.load()
+        return img if img.mode == "RGB" else Image.fromarray(to_rgb(img))
 
     @functools.cached_property
     def full(self) -> Image.Image:
         """RGB at the upload's upright size: the answer is this image with the try-on pasted in.
-        Turned on first use (~30 ms at 12 MP), which the server does while the model runs."""
+        Decoded (a JPEG whose model copy was decoded reduced, ~50 ms at 12 MP) and turned (~30 ms)
+        on first use, which the server does while the model runs."""
         return upright(self.stored, self.orientation)
 
 
-def _open(data: bytes, field: str, limits: ImageLimits) -> tuple[Image.Image, str | None]:
-    """Open and fully decode ``data`` (as stored: see :func:`upright`), and PIL's name of its
-    format; the size is checked on the header first."""
+def _open(data: bytes, field: str, limits: ImageLimits, load: bool = True) -> tuple[Image.Image, str | None]:
+    """Open ``data`` (as stored: see :func:`upright`), and PIL's name of its format; the size is
+    checked on the header first, then (``load``) every pixel decoded."""
     if not data:
         raise InputError(field, "empty upload: send a PNG, JPEG or WebP image")
     try:
@@ -137,9 +147,15 @@ def _open(data: bytes, field: str, limits: ImageLimits) -> tuple[Image.Image, st
     if max(w, h) > limits.max_side or w * h > limits.max_pixels:
         raise InputError(field, f"image is {w}x{h}: at most {limits.max_side} pixels a side and "
                                 f"{limits.max_pixels:,} pixels in all", status=413)
+    if load:
+        _load(img, field)
+    return img, img.format
+
+
+def _load(img: Image.Image, field: str) -> None:
+    """Decode ``img``'s pixels, or :class:`InputError`."""
     try:
         img.load()
-        return img, img.format
     except Exception as e:  # truncated or corrupt data: OSError, SyntaxError, zlib errors ...
         raise InputError(field, f"image data is truncated or corrupt ({type(e).__name__}: {e})"[:300]) from e
 
@@ -180,21 +196,36 @@ def _work_size(size_wh: tuple[int, int], scale: float) -> tuple[int, int]:
 
 def read_photo(data: bytes, field: str, limits: ImageLimits, half_hw: tuple[int, int], fit: str) -> Photo:
     """An uploaded photo, upright (transparency over white), with its copy for a ``half_hw`` canvas
-    half fitted by ``fit``; or :class:`InputError`. Decoded once; a reduced copy is made by PIL
-    (integer reduce, then bilinear), never through a full-size array."""
-    img, fmt = _open(data, field, limits)
+    half fitted by ``fit``; or :class:`InputError`. A reduced copy is made by PIL (integer reduce,
+    then bilinear), never through a full-size array. A JPEG to be reduced is decoded for the model
+    at the nearest larger scale of 1/2, 1/4 or 1/8 its size (JPEG's DCT scaling, ~10x faster than
+    a full decode at 12 MP; the whole stream is read, so a truncated file is refused here), and at
+    full size only for the answer (:attr:`Photo.full`, while the model runs); any other photo is
+    decoded once."""
+    img, fmt = _open(data, field, limits, load=False)
+    reduced_decode = fmt in ("JPEG", "MPO") and img.mode in ("RGB", "L")
+    if not reduced_decode:
+        _load(img, field)  # a PNG's EXIF and profile chunks may follow its pixels
     icc = img.info.get("icc_profile")
-    stored = img if img.mode == "RGB" else Image.fromarray(to_rgb(img))  # to_rgb: the dataset's rule
     rgb_profile = icc if icc and icc[16:20] == b"RGB " else None  # the ICC header's colour space
-    photo = Photo(stored, exif_orientation(img), np.empty((0, 0, 3), np.uint8), UPLOAD_FORMATS.get(fmt or "", "png"),
+    photo = Photo(img, exif_orientation(img), np.empty((0, 0, 3), np.uint8), UPLOAD_FORMATS.get(fmt or "", "png"),
                   rgb_profile)
     w, h = photo.size
     scale = work_scale((h, w), half_hw, fit)
     if scale == 1.0:
+        _load(img, field)
         photo.work = np.asarray(photo.full)
-    else:  # reduced as stored, then turned: the full-size turn is left for later
-        size = _upright_size(_work_size((w, h), scale), photo.orientation)
-        photo.work = np.asarray(upright(stored.resize(size, Image.BILINEAR, reducing_gap=2.0), photo.orientation))
+        return photo
+    size = _upright_size(_work_size((w, h), scale), photo.orientation)  # reduced as stored, then turned
+    if reduced_decode:
+        small, _ = _open(data, field, limits, load=False)
+        small.draft("RGB", size)  # decodes at >= size
+        _load(small, field)
+        small = small if small.mode == "RGB" else small.convert("RGB")
+    else:
+        _load(img, field)
+        small = photo.stored
+    photo.work = np.asarray(upright(small.resize(size, Image.BILINEAR, reducing_gap=2.0), photo.orientation))
     return photo
 
 
