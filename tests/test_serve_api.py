@@ -406,33 +406,156 @@ def _chromium() -> str:
     return path
 
 
-def test_page_uploads_two_images_and_shows_the_result(server, tmp_path):
+@pytest.fixture(scope="module")
+def bare_server(server, lora_dir):
+    """A second application on the same Serve instance, under /bare: no parser, no key, 5 steps at
+    most (what a server without a parser looks like to the page)."""
+    from ray import serve
+
+    from serve.app import application
+
+    settings = {"lora": [str(lora_dir)], "torch_threads": 1, "max_steps": 5}
+    serve.run(application(settings, model_options={"ray_actor_options": {"num_cpus": 0}}), name="bare",
+              route_prefix="/bare")
+    yield f"{server}/bare"
+    serve.delete("bare")
+
+
+def _browser(p):
+    return p.chromium.launch(executable_path=_chromium(), args=["--no-sandbox", "--disable-gpu"])
+
+
+def _decode(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def test_examples_are_public_pngs(server):
+    """The gallery needs no key (the page shows it before one is typed) and every url is a PNG."""
+    ex = requests.get(f"{server}/v1/examples", timeout=60).json()
+    assert len(ex["persons"]) >= 3 and {g["region"] for g in ex["garments"]} == {"upper", "lower", "full"}
+    for p in ex["persons"]:
+        photo = _decode(requests.get(f"{server}/{p['url']}", timeout=30).content)
+        assert photo.shape == (p["height"], p["width"], 3)
+        for region in ("upper", "lower", "full"):
+            mask = _decode(requests.get(f"{server}/{p['masks'][region]}", timeout=30).content)
+            assert mask.shape == photo.shape and 0 < (mask[..., 0] > 127).mean() < 0.5, (p["id"], region)
+    r = requests.get(f"{server}/examples/nobody.png", timeout=30)
+    assert r.status_code == 404 and r.json()["field"] == "name"
+
+
+def test_page_dresses_an_example_person_in_an_example_outfit(server):
+    """Click a person, a top and a bottom of the gallery (their masks come with the person), press
+    Try on: the progress indicator runs while the request is held, then the result has the person's
+    size and is exactly the API's answer to the same outfit; before/after and the download work; a
+    full-body garment empties and disables the two other slots."""
     from playwright.sync_api import sync_playwright
 
-    person, _ = _person(160, 120, seed=7)
-    Image.fromarray(person).save(tmp_path / "person.png")
-    Image.fromarray(GARMENT).save(tmp_path / "garment.png")
+    ex = requests.get(f"{server}/v1/examples", timeout=60).json()
+    person = ex["persons"][0]
+    upper = next(g for g in ex["garments"] if g["region"] == "upper")
+    lower = next(g for g in ex["garments"] if g["region"] == "lower")
+    held = []
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=_chromium(), args=["--no-sandbox", "--disable-gpu"])
+        browser = _browser(p)
         try:
-            page = browser.new_page()
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.goto(f"{server}/")
-            page.set_input_files("#person", str(tmp_path / "person.png"))
-            page.set_input_files("#garment", str(tmp_path / "garment.png"))
-            page.select_option("#garment_type", "lower")
+            auto = "document.querySelector('input[name=upper-maskmode][value=auto]')"
+            page.wait_for_selector("#persons button")
+            assert page.evaluate(f"{auto}.disabled"), "without the key /v1/info is unknown: no auto mask offered"
             page.fill("#apikey", KEY)
+            page.wait_for_function(f"!{auto}.disabled")  # this server has a parser
+            assert page.get_attribute("#steps", "max") == "50"
+
+            page.click(f"#persons button[data-id={person['id']}]")
+            page.wait_for_function(f"document.getElementById('draw').width === {person['width']}"
+                                   " && state.painted.upper && state.painted.lower")
+            page.click(f"#garments button[data-id={upper['id']}]")
+            page.click(f"#garments button[data-id={lower['id']}]")
+            page.wait_for_function("state.garments.upper && state.garments.lower")
+            page.click("text=Options")
             page.fill("#steps", "2")
-            page.wait_for_function("document.getElementById('draw').width === 120")
-            box = page.locator("#draw").bounding_box()
-            page.mouse.move(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.55)
-            page.mouse.down()
-            page.mouse.move(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.9, steps=8)
-            page.mouse.up()
+            page.fill("#seed", "3")
+
+            page.route("**/v1/tryon", lambda route: held.append(route))  # held until the progress is seen
             page.click("#submit")
+            page.wait_for_selector("#progress", state="visible")
+            page.wait_for_function("parseFloat(document.getElementById('elapsed').textContent) >= 0.3")
+            assert page.is_disabled("#submit")
+            while not held:
+                page.wait_for_timeout(50)
+            body = held[0].request.post_data_buffer
+            for name in (b"person", b"upper", b"upper_mask", b"lower", b"lower_mask", b"steps", b"seed"):
+                assert b'name="%s"' % name in body, name
+            assert b'name="full"' not in body and b'name="garment"' not in body
+            held[0].continue_()
+
             page.wait_for_function("document.getElementById('result').naturalWidth > 0", timeout=120_000)
+            page.wait_for_selector("#progress", state="hidden")
             size = page.evaluate("[document.getElementById('result').naturalWidth, "
                                  "document.getElementById('result').naturalHeight]")
-            assert size == [120, 160], "the result has the person photo's size"
-            assert "mask request" in page.inner_text("#status")
+            assert size == [person["width"], person["height"]], "the result has the person photo's size"
+            shown = page.evaluate("""async () => {
+                const b = await (await fetch(document.getElementById('download').href)).arrayBuffer();
+                return Array.from(new Uint8Array(b)); }""")
+            assert page.get_attribute("#download", "download") == "tryon-3.png"
+            assert page.get_attribute("#download", "href").startswith("blob:")
+
+            page.click("#compare label:has-text('before')")
+            assert page.is_visible("#before") and page.is_hidden("#result")
+            assert page.get_attribute("#before", "src") == page.get_attribute("#person-preview", "src")
+            page.click("#compare label:has-text('after')")
+            assert page.is_visible("#result") and page.is_hidden("#before")
+
+            full = next(g for g in ex["garments"] if g["region"] == "full")
+            page.click(f"#garments button[data-id={full['id']}]")
+            page.wait_for_function("state.garments.full && !state.garments.upper && !state.garments.lower")
+            assert page.is_disabled("#upper") and page.is_disabled("#lower")
+            assert page.is_disabled(f"#garments button[data-id={upper['id']}]")
+        finally:
+            browser.close()
+
+    # the same outfit through the API: the page sent the example pictures and masks unchanged
+    def get(url):
+        return requests.get(f"{server}/{url}", timeout=30).content
+
+    files = {"person": ("p.png", get(person["url"]), "image/png")}
+    for g in (upper, lower):
+        files[g["region"]] = ("g.png", get(g["url"]), "image/png")
+        files[g["region"] + "_mask"] = ("m.png", get(person["masks"][g["region"]]), "image/png")
+    direct = requests.post(f"{server}/v1/tryon", files=files, data={"steps": "2", "seed": "3"}, headers=AUTH,
+                           timeout=120)
+    assert direct.headers["X-Tryon-Regions"] == "upper,lower"
+    assert np.array_equal(_decode(bytes(shown)), as_image(direct))
+    photo = _decode(get(person["url"]))
+    assert not np.array_equal(_decode(bytes(shown)), photo), "the outfit changed the picture"
+
+
+def test_page_disables_what_a_server_without_a_parser_cannot_do(bare_server):
+    """No parser: no 'auto' mask and no worn photos, each saying why; steps limited to max_steps;
+    no key needed, and the page works under a route prefix."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = _browser(p)
+        try:
+            page = browser.new_page(viewport={"width": 390, "height": 844})  # a phone
+            page.goto(f"{bare_server}/")
+            page.wait_for_function("document.getElementById('model').textContent.includes('no human parser')")
+            for region in ("upper", "lower", "full"):
+                auto = page.locator(f"input[name={region}-maskmode][value=auto]")
+                assert auto.is_disabled(), region
+                assert "no human parser" in auto.locator("xpath=..").get_attribute("title")
+                assert page.is_disabled(f"#{region}-worn")
+                assert page.is_checked(f"input[name={region}-maskmode][value=paint]")
+            assert page.get_attribute("#steps", "max") == "5"
+            page.wait_for_selector("#persons button img")
+            page.wait_for_function("[...document.querySelectorAll('#persons img, #garments img')]"
+                                   ".every((i) => i.complete && i.naturalWidth > 0)")
+            # one column at phone width: the result card is below the person card, not beside it
+            person_box = page.locator("#person-card").bounding_box()
+            result_box = page.locator("#result-card").bounding_box()
+            assert result_box["y"] > person_box["y"] + person_box["height"] - 1
+            assert page.evaluate("document.documentElement.scrollWidth") <= 390, "nothing wider than the phone"
         finally:
             browser.close()
