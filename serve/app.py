@@ -4,7 +4,8 @@
     ray start --head && serve deploy serve/config.yaml   # onto a running Ray cluster
 
 Routes: ``POST /v1/tryon`` (multipart; a JPEG, WebP or PNG, or JSON with it in base64),
-``GET /v1/info``, ``GET /healthz``, ``GET /`` (the try-on page), ``GET /docs`` and ``/openapi.json``.
+``GET /v1/info``, ``GET /healthz``, ``GET /`` (the try-on page) with its examples (``GET /v1/examples``,
+``/examples/{id}.png``: :mod:`serve.gallery`), ``GET /docs`` and ``/openapi.json``.
 
 Two deployments, so that each scales on its own: ``TryOnIngress`` (checks the key, the body size
 and every field, decodes each image once, pastes the try-on back onto the upload and encodes the
@@ -43,15 +44,17 @@ from catvton.infer.outfit import OutfitRequest, Piece
 from catvton.infer.request import FORMATS, InputError
 from catvton.infer.serving import ServeConfig, TryOnService, serve_config_from_dict
 from catvton.offline import resolve
+from serve.gallery import PREFIX as EXAMPLES_PREFIX, mount as mount_examples
 from serve.uploads import PieceUpload, answer, decode_request
 
 log = logging.getLogger("ray.serve")
 PAGE = Path(__file__).with_name("page.html")
 OPEN_PATHS = ("/healthz",)
 """Routes that never need the key: the load balancer's probe."""
-PAGE_PATHS = ("/", "/favicon.ico")
+PAGE_PATHS = ("/", "/favicon.ico", "/v1/examples")
 """The page's static HTML holds no data and calls the API with the key typed into it, so it
-stays reachable when a key is set (a browser cannot add a header to a page load)."""
+stays reachable when a key is set (a browser cannot add a header to a page load); so do its
+example pictures (public synthetic renders, :mod:`serve.gallery`), under ``EXAMPLES_PREFIX`` too."""
 
 
 class Backend(Protocol):
@@ -129,7 +132,7 @@ class BearerAuth:
         path, root = scope["path"], scope.get("root_path", "")
         if root and path.startswith(root):  # mounted under a route prefix: /prefix/healthz is /healthz
             path = path[len(root):] or "/"
-        if path in OPEN_PATHS + PAGE_PATHS:
+        if path in OPEN_PATHS + PAGE_PATHS or path.startswith(EXAMPLES_PREFIX):
             return await self.app(scope, receive, send)
         given = dict(scope["headers"]).get(b"authorization", b"")
         scheme, _, token = given.partition(b" ")
@@ -204,6 +207,8 @@ def create_api(settings: ServeConfig, backend: Backend) -> FastAPI:
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
         return HTMLResponse(PAGE.read_text())
+
+    mount_examples(app)  # GET /v1/examples and /examples/{name}.png: the page's gallery
 
     @app.post(
         "/v1/tryon",
