@@ -16,8 +16,15 @@ On a GPU cluster (the real test split, plus VITON-HD's test set to check that to
     ray job submit --working-dir . --runtime-env runtime_env.yaml -- python ray_jobs/evaluate.py \\
         --lora /mnt/shared/sweep/release --viton /mnt/shared/viton-hd --actors 4
 
+Outfits (offline only: the synthetic world draws their true photos): --outfits N held-out people are
+dressed in another test pid's top and a third's bottom by the service's outfit path (top pass, then
+bottom pass), and each region is scored against the true photo, with the single-garment passes
+beside it (catvton.eval.outfits). --outfits 0 skips them:
+
+    python ray_jobs/evaluate.py --lora outputs/tiny-lora/lora --in-process --outfits 24
+
 The config is the LoRA's own training_config.json when it has one (else --config). Writes
-report.json, report.md and grid_<group>.png to --out (default: <lora>/eval).
+report.json, report.md and grid_<group>.png (and grid_outfits.png) to --out (default: <lora>/eval).
 """
 
 from __future__ import annotations
@@ -41,13 +48,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--actors", type=int, default=1, help="Ray Data inference actors (one GPU each on GPUs)")
     p.add_argument("--in-process", action="store_true", help="generate in this process instead of with Ray Data")
     p.add_argument("--out", default=None, help="report folder (default: <lora>/eval)")
+    p.add_argument("--outfits", type=int, default=24,
+                   help="held-out synthetic outfits (person, top, bottom -> true photo) to score per region; 0: skip")
     args = p.parse_args(argv)
 
     from catvton.artifacts import LORA_WEIGHTS, REPORT_JSON, REPORT_MD, TRAINING_CONFIG
+    from catvton.data.source import SYNTHETIC
+    from catvton.eval.outfits import evaluate_outfits
     from catvton.eval.report import evaluate
     from catvton.eval.samples import held_out_samples
     from catvton.eval.viton import VitonError, viton_samples
     from catvton.offline import resolve
+    from catvton.offline.outfits import outfit_triples, triple_arrays
     from catvton.ray_utils import init_ray
 
     lora = Path(args.lora)
@@ -71,7 +83,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else lora / "eval"
-    report = evaluate(cfg, lora, samples, out, ray_data=not args.in_process, actors=args.actors, source=source)
+    outfits = None
+    if args.outfits > 0 and not args.viton and cfg.data.source == SYNTHETIC:
+        found = outfit_triples(args.outfits, cfg.data, args.split, allow_fewer=True)
+        if len(found) < args.outfits:
+            print(f"outfits: {args.outfits} asked, the {args.split} split of this synthetic set has {len(found)} "
+                  "people who can be dressed in another pid's top and bottom (more: data.synthetic_pids)")
+        if found:  # in-process: each pass needs the one before
+            outfits = evaluate_outfits(cfg, lora, triple_arrays(found), out)
+    elif args.outfits > 0:
+        print(f"outfits: not scored: their true photos exist only in the synthetic world (source {source})")
+    report = evaluate(cfg, lora, samples, out, ray_data=not args.in_process, actors=args.actors, source=source,
+                      outfits=outfits)
     print(f"\n== evaluation ({source}) ==")
     for group, g in report["groups"].items():
         d = g["delta"]
@@ -79,9 +102,17 @@ def main(argv: list[str] | None = None) -> int:
               f"({d['masked_psnr']:+.2f} dB, grey {g['grey']['masked_psnr']:.2f})  masked_ssim "
               f"{g['base']['masked_ssim']:.3f} -> {g['lora']['masked_ssim']:.3f} ({d['masked_ssim']:+.3f}, "
               f"grey {g['grey']['masked_ssim']:.3f})")
+    if outfits is not None:
+        print(f"outfits ({outfits['triples']} triples, {outfits['wall_s']:.0f} s): masked_psnr base -> LoRA, margin base -> LoRA")
+        for run, r in outfits["runs"].items():
+            for region, g in r["regions"].items():
+                t = g["transfer"]
+                margin = f"  margin {t['base']['margin_db']:+.2f} -> {t['lora']['margin_db']:+.2f} dB" if t else ""
+                print(f"  {run:6s} {region:5s} {g['base']['masked_psnr']:6.2f} -> {g['lora']['masked_psnr']:6.2f}{margin}")
     for k, v in report["absent"].items():
         print(f"absent: {k}: {v}")
-    print(f"wrote {out / REPORT_JSON}, {out / REPORT_MD}, " + ", ".join(str(out / f'grid_{g}.png') for g in report["groups"]))
+    grids = [out / f"grid_{g}.png" for g in report["groups"]] + ([out / "grid_outfits.png"] if outfits else [])
+    print(f"wrote {out / REPORT_JSON}, {out / REPORT_MD}, " + ", ".join(str(g) for g in grids))
     return 0
 
 

@@ -118,3 +118,38 @@ def test_truth_shows_the_garment_given(triples, slot, given):
             assert np.linalg.norm(worn - garment) < 15.0, (t.pids, name, worn, garment)
             if np.linalg.norm(garment - own) > 30.0:
                 assert np.linalg.norm(worn - garment) < np.linalg.norm(worn - own), (t.pids, name)
+
+
+def test_outfit_scores_reward_the_garment_given(triples):
+    """catvton.eval.outfits on stand-in results, no model. A "LoRA" that returns the outfit's true
+    photo (and the unchanged person for another triple's garments) scores perfectly on the outfit
+    with a positive margin in both regions, and imperfectly on the single-garment runs, each scored
+    against its own truth; a "base" that ignores the garments (the person unchanged either way) has
+    a margin of exactly 0 everywhere."""
+    from catvton.data.masks import general_mask
+    from catvton.eval.outfits import REGION_KEYS, RUN_KEYS, RUNS, TRUTH_OF, score_outfits, outfit_partners
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml")
+    arrays = triple_arrays(triples[:4])  # SSIM costs ~0.2 s an image here
+    partners = outfit_partners(arrays["top_pid"], arrays["bottom_pid"])
+    assert (np.array(arrays["top_pid"])[partners] != np.array(arrays["top_pid"])).all()
+    generals = {r: np.stack([general_mask(m, r, cfg.mask) for m in arrays[f"{r}_mask"]]) for r in SLOTS}
+    person = arrays["person"]
+    generated = {"lora": {run: {"own": arrays["truth"], "swapped": person} for run in RUNS},
+                 "base": {run: {"own": person, "swapped": person} for run in RUNS}}
+    runs = score_outfits(arrays, generated, generals, partners, (cfg.canvas.half_height, cfg.canvas.half_width),
+                         cfg.canvas.person_fit)
+    assert list(runs) == ["outfit", "upper", "lower"]
+    for run, r in runs.items():
+        assert list(r) == list(RUN_KEYS) and r["passes"] == list(RUNS[run]) and r["truth"] == TRUTH_OF[run]
+        assert 0.0 <= r["unreachable"] < 0.2, (run, r["unreachable"])
+        for region, g in r["regions"].items():
+            assert list(g) == list(REGION_KEYS)
+            assert g["transfer"]["base"]["margin_db"] == 0.0
+            assert g["grey"]["masked_psnr"] < 20.0 and g["base"]["masked_psnr"] < 25.0, (run, region)
+            assert g["delta"]["masked_psnr"] == pytest.approx(g["lora"]["masked_psnr"] - g["base"]["masked_psnr"])
+            if run == "outfit":
+                assert g["lora"]["masked_psnr"] == pytest.approx(100.0) and g["lora"]["masked_ssim"] == pytest.approx(1.0)
+                assert g["transfer"]["lora"]["margin_db"] > 70.0
+            else:  # the outfit's truth is not the truth of one garment alone
+                assert g["lora"]["masked_psnr"] < 60.0, (run, region)

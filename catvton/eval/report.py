@@ -31,6 +31,9 @@ the same seed), and ``transfer`` holds, for the base and the LoRA:
 
 Writes ``report.json`` (:data:`REPORT_KEYS`; each group :data:`GROUP_KEYS`), ``report.md`` (the
 table with deltas) and ``grid_<group>.png`` (garment | masked person | base | LoRA | ground truth).
+Given an outfit section (:func:`catvton.eval.outfits.evaluate_outfits`: a top and a bottom in one
+request, per region, against true outfit photos), ``report.json`` adds it under ``outfits`` and
+``report.md`` its table.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from catvton.artifacts import REPORT_JSON, REPORT_MD
 from catvton.config import Config
 from catvton.eval import metrics as M
 from catvton.eval.generate import generate
+from catvton.eval.outfits import outfit_markdown
 from catvton.infer.tryon import grid_image
 
 PER_IMAGE = ("masked_psnr", "masked_ssim", "half_psnr", "half_ssim")
@@ -58,7 +62,7 @@ MODELS = ("base", "lora", "grey")
 """The scored models of a group: the base, the base + LoRA, the grey fill."""
 REPORT_KEYS = ("base", "transformer_override", "lora", "source", "generation", "seed", "steps", "guidance",
                "groups", "absent", "higher_is_better")
-"""The keys of ``report.json``."""
+"""The keys of ``report.json`` (plus ``outfits`` when :func:`evaluate` is given an outfit section)."""
 GROUP_KEYS = ("pairs", "pids", "metrics", "base", "lora", "grey", "delta", "transfer")
 """The keys of each group of a report: ``metrics`` lists the metric keys computed (:data:`METRICS`
 less the absent ones); ``base``, ``lora``, ``grey`` map each to its mean; ``delta`` is LoRA - base;
@@ -131,14 +135,16 @@ def transfer_scores(group: dict[str, Any], own: np.ndarray, swapped: np.ndarray)
 
 def evaluate(cfg: Config, lora_dir: str | Path, samples: dict[str, dict[str, Any]], out_dir: str | Path, *,
              ray_data: bool = False, actors: int = 1, batch_size: int = 8,
-             extractor: torch.nn.Module | None = None, source: str = "") -> dict[str, Any]:
+             extractor: torch.nn.Module | None = None, source: str = "",
+             outfits: dict[str, Any] | None = None) -> dict[str, Any]:
     """Generate with the base and with the LoRA on ``samples`` (``{group: {"canvas", "mask",
     "garment_mask", "pid"}}``, e.g. :func:`catvton.eval.samples.held_out_samples`), score them and the grey fill,
     and write the report files into ``out_dir``. Returns the report (see the module docstring).
 
     ``cfg`` names concrete models (entry points resolve offline names first). ``ray_data``,
     ``actors``, ``batch_size``: how :func:`~catvton.eval.generate.generate` runs (not what it gives).
-    ``extractor``: a feature network for FID/KID instead of Inception."""
+    ``extractor``: a feature network for FID/KID instead of Inception. ``outfits``: an outfit
+    section to add (:data:`catvton.eval.outfits.OUTFIT_KEYS`), as ``report["outfits"]``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = list(samples)
@@ -176,6 +182,8 @@ def evaluate(cfg: Config, lora_dir: str | Path, samples: dict[str, dict[str, Any
               "generation": f"Ray Data, {actors} actor(s)" if ray_data else "in-process",
               "seed": cfg.infer.seed, "steps": cfg.infer.steps, "guidance": cfg.infer.guidance,
               "groups": groups, "absent": absent, "higher_is_better": HIGHER_IS_BETTER}
+    if outfits is not None:
+        report["outfits"] = outfits
     (out / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
     (out / REPORT_MD).write_text(report_markdown(report))
     return report
@@ -227,4 +235,6 @@ def report_markdown(report: dict[str, Any]) -> str:
              "- grey fill: the masked region painted mid-grey, the trivial reference", "",
              evaluation_table(report), ""]
     lines += [f"![{g}](grid_{g}.png)" for g in report["groups"]]
+    if report.get("outfits"):
+        lines += ["", outfit_markdown(report["outfits"])]
     return "\n".join(lines) + "\n"

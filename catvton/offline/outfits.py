@@ -154,16 +154,19 @@ class _Cursor:
                 return plan
 
 
-def outfit_triples(n: int, data: DataConfig, split: str = "test") -> list[OutfitTriple]:
+def outfit_triples(n: int, data: DataConfig, split: str = "test", *, allow_fewer: bool = False) -> list[OutfitTriple]:
     """``n`` held-out outfits of the synthetic set ``data`` describes (``synthetic_pids``,
     ``synthetic_image_size``, ``seed``, the split fractions, ``garment_views``); see the module
     docstring. ValueError when ``split`` has fewer than ``n`` people who wear a top and a bottom.
 
     Every garment is visible in every photo of a triple (its mask covers at least
     ``data.min_mask_fraction``, the dataset's own bar for a mask that is not empty): a person whose
-    coat hides their shorts is passed over, and so is a new top that would hide the new bottom."""
+    coat hides their shorts is passed over, and so is a new top that would hide the new bottom.
+    ``allow_fewer``: a small set gives as many as it has (maybe none) instead of the ValueError."""
     pools = outfit_pools(data, split)
-    if n < 0 or n > len(pools["person"]):
+    if allow_fewer and (len(pools["top"]) < 2 or len(pools["bottom"]) < 2):
+        return []
+    if n < 0 or (n > len(pools["person"]) and not allow_fewer):
         raise ValueError(f"n={n}: the {split} split of {data.synthetic_pids} synthetic pids has "
                          f"{len(pools['person'])} people in a top and a bottom; ask for at most that many "
                          "or raise data.synthetic_pids")
@@ -180,7 +183,7 @@ def outfit_triples(n: int, data: DataConfig, split: str = "test") -> list[Outfit
         triple = _triple(tops, bottoms, len(out), pools["person"][k], data)
         if triple is not None:
             out.append(triple)
-    if len(out) < n:
+    if len(out) < n and not allow_fewer:
         raise ValueError(f"n={n}: only {len(out)} people of the {split} split can be dressed so that every "
                          f"garment stays visible (data.min_mask_fraction); raise data.synthetic_pids")
     return out
@@ -230,7 +233,8 @@ def _triple(tops: _Cursor, bottoms: _Cursor, i: int, person: PidPlan, data: Data
 def triple_arrays(triples: list[OutfitTriple]) -> dict[str, Any]:
     """The triples stacked for :mod:`catvton.eval.outfits` (which takes arrays, not this module):
     ``person``, ``top``, ``bottom`` and each of :data:`TRUTHS` ``(N, S, S, 3)`` uint8; ``upper_mask``,
-    ``lower_mask`` (the person's own), ``top_mask``, ``bottom_mask`` ``(N, S, S)`` bool; ``pid``,
+    ``lower_mask`` (the person's own), ``top_mask``, ``bottom_mask`` ``(N, S, S)`` bool;
+    ``truth_masks[truth][slot]`` ``(N, S, S)`` bool (where each truth shows each garment); ``pid``,
     ``top_pid``, ``bottom_pid``: lists of str."""
     if not triples:
         raise ValueError("no triples to stack")
@@ -238,6 +242,8 @@ def triple_arrays(triples: list[OutfitTriple]) -> dict[str, Any]:
                            for k in ("person", "top", "top_mask", "bottom", "bottom_mask") + TRUTHS}
     for slot in SLOTS:
         out[f"{slot}_mask"] = np.stack([t.masks[slot] for t in triples])
+    out["truth_masks"] = {name: {slot: np.stack([t.truth_masks[name][slot] for t in triples]) for slot in SLOTS}
+                          for name in TRUTHS}
     out["pid"] = [t.person_pid for t in triples]
     out["top_pid"] = [t.top_pid for t in triples]
     out["bottom_pid"] = [t.bottom_pid for t in triples]
