@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from catvton.config import ConfigError
     from catvton.infer.catalogue import CatalogueError, scan_catalogue
-    from catvton.infer.catalogue_run import SettingsChanged, claim_folder, render_catalogue, settings_of
+    from catvton.infer.catalogue_run import (FolderBusy, SettingsChanged, claim_folder, hold_folder, render_catalogue,
+                                             settings_of)
     from catvton.infer.serving import ServeConfig, model_config, pick_lora
     from catvton.offline import resolve
     from catvton.ray_utils import init_ray, run_logs
@@ -112,17 +113,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"catalogue: {len(cat.people)} people, " + ", ".join(f"{len(g)} {r}" for r, g in cat.garments.items())
           + f" garments -> {len(cat.items)} images; {len(cat.bad)} bad input(s), {len(cat.skipped)} skipped")
     try:
-        claim_folder(out, settings_of(cfg, lora, steps, args.seed, args.batched_model))
-    except SettingsChanged as e:
+        with hold_folder(out):
+            claim_folder(out, settings_of(cfg, lora, steps, args.seed, args.batched_model))
+            init_ray(dashboard=not args.no_dashboard)  # prints the dashboard's URL and where Ray's logs go
+            cfg = resolve(cfg)  # offline names (tiny, tiny-alpha) -> cached folders, built once
+            with run_logs(out):
+                summary = render_catalogue(cat, out, cfg, lora, steps=steps, actors=args.actors,
+                                           batch_size=args.batch_size, use_gpu=cfg.train.use_gpu, parser=args.parser,
+                                           batched=args.batched_model, limit=args.limit)
+    except (SettingsChanged, FolderBusy) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-
-    init_ray(dashboard=not args.no_dashboard)  # prints the dashboard's URL and where Ray's logs go
-    cfg = resolve(cfg)  # offline names (tiny, tiny-alpha) -> cached folders, built once
-    with run_logs(out):
-        summary = render_catalogue(cat, out, cfg, lora, steps=steps, actors=args.actors, batch_size=args.batch_size,
-                                   use_gpu=cfg.train.use_gpu, parser=args.parser, batched=args.batched_model,
-                                   limit=args.limit)
     print("\n== catalogue ==")
     rate = f", {summary['images_per_s']:.2f} images/s" if summary["images_per_s"] else ""
     steady = f" ({summary['steady_images_per_s']:.2f} once loaded)" if summary["steady_images_per_s"] else ""

@@ -2,8 +2,8 @@
 Data batch inference, resumable, the same images whatever the batching.
 
 The job's ``main`` runs in this process on the session's shared Ray (the actors load the tiny base
-alone, 32x32 canvas halves, 2 steps); the demo catalogue (:mod:`catvton.offline.demo_catalogue`)
-gives 3 people x 3 garments at 64 px. Scanning tests need no Ray and no model.
+alone, 2 steps); the demo catalogue (:mod:`catvton.offline.demo_catalogue`) gives 3 people x 3
+garments at 128 px. Scanning tests need no Ray and no model.
 """
 
 from __future__ import annotations
@@ -22,7 +22,10 @@ from catvton.infer.catalogue import item_seed, read_mask_file, scan_catalogue
 from catvton.offline.demo_catalogue import write_demo_catalogue
 
 ROOT = Path(__file__).resolve().parents[1]
-SETS = ["model.transformer_override=null", "canvas.half_width=32", "canvas.half_height=32"]
+SETS = ["model.transformer_override=null"]
+"""The tiny base alone, at the preset's 96x128 canvas halves: there a batched pipeline call rounds
+differently from one call per item in a few pixels (2-6 of these 9 images, measured), so the batch
+test can fail; at 32x32 halves it found none."""
 
 
 def _run(cat: dict[str, Path], out: Path, *extra: str) -> dict:
@@ -43,7 +46,7 @@ def _images(out: Path) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def catalogue(tmp_path_factory) -> dict[str, Path]:
     return write_demo_catalogue(tmp_path_factory.mktemp("catalogue"), people=3, garments={"upper": 2, "lower": 1},
-                                size=64)
+                                size=128)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +75,7 @@ def test_every_person_in_every_garment(catalogue, full_run):
     assert sorted(p.stem for p in (out / "sheets").glob("*.png")) == sorted(looks)
     # one garment column plus three people, two rows (photo above the dressed person) and a label strip
     sheet = Image.open(out / "sheets" / f"{cat.items[0].look}.png")
-    assert sheet.size == (4 * 64, 2 * 64 + 14)
+    assert sheet.size == (4 * 128, 2 * 128 + 14)
 
 
 @pytest.mark.ray
@@ -141,6 +144,17 @@ def test_other_settings_are_refused_in_a_finished_folder(catalogue, full_run, tm
     assert "steps" in capsys.readouterr().err
 
 
+def test_one_folder_takes_one_job_at_a_time(tmp_path):
+    from catvton.infer.catalogue_run import FolderBusy, hold_folder
+
+    with hold_folder(tmp_path):
+        with pytest.raises(FolderBusy, match="another job"):
+            with hold_folder(tmp_path):
+                pass
+    with hold_folder(tmp_path):  # released
+        pass
+
+
 def test_bad_inputs_are_listed_with_their_reason(tmp_path):
     cat = write_demo_catalogue(tmp_path, people=2, garments={"upper": 1, "lower": 1}, size=64)
     people, garments = cat["people"], cat["garments"]
@@ -150,7 +164,8 @@ def test_bad_inputs_are_listed_with_their_reason(tmp_path):
     (people / "notes.txt").write_text("ignored")
     upper = next((garments / "upper").glob("*.png")).stem
     lower = next(p for p in (garments / "lower").glob("*.png") if ".mask" not in p.name).stem
-    (cat["outfits"]).write_text(f"person,upper,lower,full\nmodel-01,{upper},{lower},\nmodel-01,nosuch,,\n"
+    # as a spreadsheet exports it: a byte-order mark first
+    (cat["outfits"]).write_text(f"\ufeffperson,upper,lower,full\nmodel-01,{upper},{lower},\nmodel-01,nosuch,,\n"
                                 f"model-01,{upper},,{upper}\nghost,{upper},,\n")
     found = scan_catalogue(people, garments, cat["outfits"])
     reasons = {Path(b["input"]).name: b["reason"] for b in found.bad}

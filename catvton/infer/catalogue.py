@@ -268,7 +268,7 @@ def _outfit_rows(path: Path, cat: Catalogue, person_files: dict[str, Path],
                  present: dict[str, set[str]]) -> list[tuple[dict[str, str], str, str]]:
     if not path.is_file():
         raise CatalogueError(f"--outfits {path} is not a file")
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's export starts with a BOM
         reader = csv.DictReader(f)
         header = [h.strip() for h in reader.fieldnames or []]
         unknown = [h for h in header if h not in CSV_COLUMNS]

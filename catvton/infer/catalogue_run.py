@@ -25,13 +25,15 @@ The output folder::
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, Iterator, TextIO
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
@@ -53,8 +55,32 @@ MODEL_SECTIONS = ("model", "canvas", "mask", "infer")
 """The config sections that decide an image (the rest: data, training, run bookkeeping)."""
 
 
+LOCK = ".lock"
+"""Held (flock) by the job rendering into a folder."""
+
+
 class SettingsChanged(ValueError):
     """The output folder holds images made with other settings."""
+
+
+class FolderBusy(RuntimeError):
+    """Another job is rendering into the output folder."""
+
+
+@contextlib.contextmanager
+def hold_folder(out: Path) -> Iterator[None]:
+    """The output folder, for this job alone while the block runs, or :class:`FolderBusy`: two jobs
+    in one folder would render the same items twice and remove each other's files in the making."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FolderBusy(f"another job is rendering into {out}: wait for it, or give another --out") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def image_path(out: Path, item: Item) -> Path:
