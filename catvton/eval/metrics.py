@@ -23,16 +23,24 @@ def masked_psnr(pred: np.ndarray, target: np.ndarray, mask: np.ndarray) -> np.nd
     return 10.0 * np.log10(1.0 / mse)
 
 
+SSIM_CHUNK = 8
+"""Images per torchmetrics SSIM call. Its peak memory is ~60 MB an image at 96x128 (float64): one
+call on 100 images took 6.5 GB, on a 184-pair group ~11 GB. Every value is per image, so the
+chunking changes no figure."""
+
+
 def masked_ssim(pred: np.ndarray, target: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """(N,) mean of torchmetrics' SSIM map over the masked pixels of each image."""
     from torchmetrics.functional.image import structural_similarity_index_measure as ssim
 
-    p = torch.from_numpy(np.ascontiguousarray(pred.transpose(0, 3, 1, 2))).double()
-    t = torch.from_numpy(np.ascontiguousarray(target.transpose(0, 3, 1, 2))).double()
-    _, full = ssim(p, t, data_range=1.0, kernel_size=7, reduction="none", return_full_image=True)
-    smap = full.mean(dim=1).numpy()  # (N, H, W), averaged over channels
-    m = mask.astype(np.float64)
-    return (smap * m).sum(axis=(1, 2)) / np.maximum(m.sum(axis=(1, 2)), 1.0)
+    out = []
+    for k in range(0, len(pred), SSIM_CHUNK):
+        p, t = _nchw(pred[k:k + SSIM_CHUNK]), _nchw(target[k:k + SSIM_CHUNK])
+        _, full = ssim(p, t, data_range=1.0, kernel_size=7, reduction="none", return_full_image=True)
+        smap = full.mean(dim=1).numpy()  # (n, H, W), averaged over channels
+        m = mask[k:k + SSIM_CHUNK].astype(np.float64)
+        out.append((smap * m).sum(axis=(1, 2)) / np.maximum(m.sum(axis=(1, 2)), 1.0))
+    return np.concatenate(out) if out else np.zeros(0)
 
 
 def grey_fill(person: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -53,7 +61,9 @@ def half_ssim(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
     """(N,) SSIM over the whole person half (torchmetrics)."""
     from torchmetrics.functional.image import structural_similarity_index_measure as ssim
 
-    return ssim(_nchw(pred), _nchw(target), data_range=1.0, kernel_size=7, reduction="none").numpy()
+    return np.concatenate([ssim(_nchw(pred[k:k + SSIM_CHUNK]), _nchw(target[k:k + SSIM_CHUNK]), data_range=1.0,
+                                kernel_size=7, reduction="none").numpy().reshape(-1)
+                           for k in range(0, len(pred), SSIM_CHUNK)] or [np.zeros(0)])
 
 
 def _nchw(x: np.ndarray) -> torch.Tensor:
