@@ -5,7 +5,7 @@ Without Ray: the refusals, exit code 2 (a name with nothing to resume, an overri
 change the sweep), and the plumbing (a resume restores Tune's experiment with the saved config
 instead of starting a new one). Marker ``ray`` (1.5 to 3 minutes on 2 busy CPUs): the real driver
 in a subprocess, killed with SIGKILL once Tune has recorded its first trial finished, then
-``--resume``.
+``--resume`` (also ``slow``: ``python -m pytest -m slow tests/test_sweep_resume.py``).
 
     python -m pytest tests/test_sweep_resume.py
 """
@@ -198,6 +198,7 @@ def fingerprint(run_dir: Path) -> dict:
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # ~2 min: a real driver killed and resumed; the plumbing runs in the default tier above
 @pytest.mark.timeout(2400)
 def test_a_sweep_whose_driver_was_killed_is_resumed_and_released(tmp_path):
     from catvton.train.sweep import RELEASE_FILES

@@ -202,6 +202,7 @@ def test_a_worker_failure_is_survived_and_a_rerun_resumes(tmp_path, small_cache)
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # three fits (~1 min); the decision is unit-tested in tests/test_resume_schedule.py
 def test_a_rerun_with_another_schedule_is_refused_or_continues_never_passed_off(tmp_path, small_cache):
     """A name rerun with a schedule that ends before its checkpoint: refused with what to do, the
     exported LoRA untouched; with a longer schedule: trains on from the checkpoint to the new end
