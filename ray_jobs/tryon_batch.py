@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="base of every item's seed (a hash of it and the item's id)")
     p.add_argument("--parser", default=None, help="human-parsing model (hub id or folder) for missing person masks")
     p.add_argument("--batched-model", action="store_true",
-                   help="one pipeline call per batch (on 2 CPUs with the tiny model ~20%% more images/s); an "
+                   help="one pipeline call per batch (2 CPUs, tiny model: 5-45%% more images/s, noisy); an "
                         "image may then differ by one "
                         "level in a few pixels from the same item in another batch. Default: one call per "
                         "item, images identical whatever --batch-size")
