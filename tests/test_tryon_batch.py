@@ -114,6 +114,43 @@ def test_a_stopped_run_resumes_without_redoing_finished_images(catalogue, full_r
 
 
 @pytest.mark.ray
+def test_a_killed_job_resumes_without_redoing_finished_images(catalogue, full_run, tmp_path):
+    """The job as a user runs it, in its own process with its own Ray, killed (SIGKILL to its
+    process group) once its first images are on disk; the rerun renders only the rest."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    argv = [sys.executable, str(ROOT / "ray_jobs" / "tryon_batch.py"), "--people", str(catalogue["people"]),
+            "--garments", str(catalogue["garments"]), "--out", str(out), "--steps", "2", "--batch-size", "1",
+            "--no-dashboard", *[a for s in SETS for a in ("--set", s)]]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1")
+    with open(tmp_path / "job.log", "w") as log:
+        job = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600  # a guard against a hang, not a timing check
+        while not list((out / "images").rglob("*.png")):
+            assert job.poll() is None, f"the job ended before its first image:\n{(tmp_path / 'job.log').read_text()[-3000:]}"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    finished = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "images").rglob("*.png")}
+    assert 1 <= len(finished) < 9, f"killed after {len(finished)} of 9 images"
+    rest = _run(catalogue, out)
+    assert rest["done_before"] == len(finished) and rest["rendered"] == 9 - len(finished) and rest["missing"] == 0
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in finished} == finished, "a finished image was rewritten"
+    images, reference = _images(out), _images(full_run[0])
+    assert sorted(images) == sorted(reference)
+    assert all(np.array_equal(images[k], reference[k]) for k in images), "resumed images differ from one run's"
+
+
+@pytest.mark.ray
 def test_an_outfit_row_dresses_the_top_and_the_bottom(catalogue, ray_session, tmp_path):
     summary = _run(catalogue, tmp_path / "out", "--outfits", str(catalogue["outfits"]))
     cat = scan_catalogue(catalogue["people"], catalogue["garments"], catalogue["outfits"])
