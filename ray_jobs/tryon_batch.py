@@ -37,8 +37,11 @@ sheets/<look>.png, one contact sheet per look (the garments, then each person ab
 dressed: per garment, and per distinct outfit of the CSV); summary.json (counts, images/s, every
 bad input and skipped item with its reason). Ray's own output goes to <out>/ray_logs.
 
-The model config is the LoRA's own training_config.json when it has one (as serving does), else
---config; --set overrides go on top (e.g. --set infer.steps=4).
+The LoRA: --lora, else the first of outputs/tiny-sweep/release and outputs/tiny-lora/lora that
+exists (what serve/config.yaml serves; after `make demo`, the default run's), else the base alone
+(--base-only asks for that); the console names the model used. The model config is the LoRA's
+own training_config.json when it has one (as serving does), else --config; --set overrides go on
+top (e.g. --set infer.steps=4).
 """
 
 from __future__ import annotations
@@ -49,6 +52,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # a Ray job's working dir is the repo root, but scripts run from anywhere
 
+DEFAULT_LORAS = ("outputs/tiny-sweep/release", "outputs/tiny-lora/lora")
+"""Where a LoRA is looked for without --lora, first existing wins (relative to the repository
+root): the sweep's winner, then the default training run, as ``serve/config.yaml`` serves."""
 SHOWN = 20
 """Bad inputs and skipped items printed on the console (all of them are in summary.json)."""
 
@@ -61,7 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--garments", help="folder with upper/, lower/, full/ garment photos")
     p.add_argument("--outfits", default=None, help="CSV person,upper,lower,full: one image per row "
                                                    "(default: every person x every garment)")
-    p.add_argument("--lora", default=None, help="a release or a run's lora/ folder; default: the base alone")
+    p.add_argument("--lora", default=None, help="a release or a run's lora/ folder; default: the first of "
+                   + ", ".join(DEFAULT_LORAS) + " that exists (as serve/config.yaml), else the base alone")
+    p.add_argument("--base-only", action="store_true", help="dress with the base (and its transformer override) "
+                   "alone, without a LoRA")
     p.add_argument("--out", default="outputs/catalogue", help="output folder (a rerun resumes in it)")
     p.add_argument("--batch-size", type=int, default=4, help="items per actor call")
     p.add_argument("--actors", type=int, default=1, help="Ray Data actors, each with the pipeline loaded "
@@ -101,8 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.lora and not Path(args.lora).is_dir():
         print(f"error: --lora {args.lora} is not a folder (give a release or a run's lora/ folder)", file=sys.stderr)
         return 2
-    settings = ServeConfig(config=str(Path(args.config).resolve()), overrides=list(args.set),
-                           lora=[str(Path(args.lora).resolve())] if args.lora else [])
+    if args.lora and args.base_only:
+        print("error: --lora and --base-only contradict each other: choose one", file=sys.stderr)
+        return 2
+    loras = [] if args.base_only else [str(Path(args.lora).resolve())] if args.lora else list(DEFAULT_LORAS)
+    settings = ServeConfig(config=str(Path(args.config).resolve()), overrides=list(args.set), lora=loras)
     try:
         lora = pick_lora(settings)
         cfg = model_config(settings, lora)  # the LoRA's own training config wins, as in serving
@@ -112,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out)
     steps = args.steps or cfg.infer.steps
+    print(f"model: {cfg.model.base}" + (f" + {cfg.model.transformer_override}" if cfg.model.transformer_override else "")
+          + (f" + LoRA {lora}" if lora else " alone, no LoRA" + ("" if args.base_only else
+                                                                 f" (none of {', '.join(DEFAULT_LORAS)} exists)")))
     print(f"catalogue: {len(cat.people)} people, " + ", ".join(f"{len(g)} {r}" for r, g in cat.garments.items())
           + f" garments -> {len(cat.items)} images; {len(cat.bad)} bad input(s), {len(cat.skipped)} skipped")
     try:

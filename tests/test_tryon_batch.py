@@ -32,7 +32,7 @@ def _run(cat: dict[str, Path], out: Path, *extra: str) -> dict:
     from ray_jobs.tryon_batch import main
 
     argv = ["--people", str(cat["people"]), "--garments", str(cat["garments"]), "--out", str(out), "--steps", "2",
-            "--no-dashboard", *extra]
+            "--no-dashboard", "--base-only", *extra]
     for s in SETS:
         argv += ["--set", s]
     assert main(argv) == 0
@@ -126,7 +126,7 @@ def test_a_killed_job_resumes_without_redoing_finished_images(catalogue, full_ru
     out = tmp_path / "out"
     argv = [sys.executable, str(ROOT / "ray_jobs" / "tryon_batch.py"), "--people", str(catalogue["people"]),
             "--garments", str(catalogue["garments"]), "--out", str(out), "--steps", "2", "--batch-size", "1",
-            "--no-dashboard", *[a for s in SETS for a in ("--set", s)]]
+            "--no-dashboard", "--base-only", *[a for s in SETS for a in ("--set", s)]]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1")
     with open(tmp_path / "job.log", "w") as log:
@@ -176,7 +176,7 @@ def test_other_settings_are_refused_in_a_finished_folder(catalogue, full_run, tm
     out = tmp_path / "out"
     shutil.copytree(full_run[0], out)
     argv = ["--people", str(catalogue["people"]), "--garments", str(catalogue["garments"]), "--out", str(out),
-            "--steps", "3", "--no-dashboard"] + [a for s in SETS for a in ("--set", s)]
+            "--steps", "3", "--no-dashboard", "--base-only"] + [a for s in SETS for a in ("--set", s)]
     assert main(argv) == 2
     assert "steps" in capsys.readouterr().err
 
