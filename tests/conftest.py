@@ -93,6 +93,16 @@ def png_cell(arr: np.ndarray, mode: str | None = None) -> dict:
     return {"bytes": buf.getvalue(), "path": None}
 
 
+def as_batch(rows: list[dict]) -> dict[str, np.ndarray]:
+    """Rows -> a numpy batch as Ray Data hands it to a stage."""
+    out = {}
+    for k in rows[0]:
+        col = np.empty(len(rows), dtype=object)
+        col[:] = [r[k] for r in rows]
+        out[k] = col
+    return out
+
+
 def person_and_mask(size: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     photo = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)

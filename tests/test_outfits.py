@@ -21,14 +21,16 @@ from catvton.data.masks import general_mask
 from catvton.infer.outfit import OutfitRequest, Piece, check_pieces
 from catvton.infer.request import InputError
 from catvton.offline.synthetic import plan_pid, render_view, synthetic_rows
-from conftest import png_cell
+from conftest import as_batch, png_cell
 from serve_helpers import InProcessModel, png
 
 STEPS = "2"
 
 
 @pytest.fixture(scope="module")
-def model():
+def model(ray_session):
+    """The model deployment's class with the shipped alpha (``resolve`` starts Ray for it: the
+    session's, so that a later Ray test module finds one Ray, not a second ``ray.init``)."""
     import torch
 
     torch.set_num_threads(1)
@@ -207,7 +209,7 @@ def lower_pid_rows(size: int = 256) -> list[dict]:
 
 def training_pairs(rows: list[dict], cfg) -> dict[str, np.ndarray]:
     """The latent cache's pair builder on ``rows``: its pairs (the stats row dropped)."""
-    validated = V.RowValidator(dataclasses.asdict(cfg.data), keep_images="valid")(_as_batch(rows))
+    validated = V.RowValidator(dataclasses.asdict(cfg.data), keep_images="valid")(as_batch(rows))
     out = St.PairBuilder(cfg.to_dict())(validated)
     keep = out["split"] != F.STATS_SPLIT
     return {k: v[keep] for k, v in out.items()}
@@ -272,12 +274,3 @@ def test_a_worn_photo_garment_gives_the_training_pair_builders_canvas(model, cli
     product, _ = served_canvas(model, {**model.payloads[-1], "pieces": [
         {**model.payloads[-1]["pieces"][0], "garment_mask": None, "worn": False}]})
     assert not np.array_equal(product[:, :W], trained[:, :W])
-
-
-def _as_batch(rows: list[dict]) -> dict[str, np.ndarray]:
-    out = {}
-    for k in rows[0]:
-        col = np.empty(len(rows), dtype=object)
-        col[:] = [r[k] for r in rows]
-        out[k] = col
-    return out

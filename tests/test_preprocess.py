@@ -24,7 +24,7 @@ from catvton.cache import format as F
 from catvton.cache import read as R
 from catvton.cache import stages as St
 from catvton.data import validate as V
-from conftest import make_row, person_and_mask, png_cell, tiny_config
+from conftest import as_batch, make_row, person_and_mask, png_cell, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["data.synthetic_pids=40", "data.val_fraction=0.2", "data.test_fraction=0.2",  # pinned: the preset may change
@@ -34,16 +34,6 @@ SMALL = ["data.synthetic_pids=40", "data.val_fraction=0.2", "data.test_fraction=
 @pytest.fixture(scope="module")
 def cfg():
     return tiny_config(*SMALL)
-
-
-def as_batch(rows: list[dict]) -> dict[str, np.ndarray]:
-    """Rows -> a numpy batch as Ray Data hands it to a stage."""
-    out = {}
-    for k in rows[0]:
-        col = np.empty(len(rows), dtype=object)
-        col[:] = [r[k] for r in rows]
-        out[k] = col
-    return out
 
 
 def one_pid_rows(pid: str = "id_00000007", cloth_type: str = "Pants", size: int = 96) -> list[dict]:
