@@ -128,6 +128,7 @@ def test_easy_train_test_is_a_proof_run_with_a_report(ray_session, tmp_path):
     assert sorted(p.name for p in run_dir.glob("samples_step*.png")) == ["samples_step000006.png"]
 
 
+@pytest.mark.slow  # ~70 s; the docs tier's slow `full --hub-dry-run` run covers the command too
 def test_easy_train_full_trains_one_epoch_then_resumes_and_writes_the_upload_folder(ray_session, tmp_path,
                                                                                         monkeypatch):
     from catvton.cache.read import load_manifest
