@@ -20,6 +20,8 @@ does) or in a ``transformer/`` subfolder.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import re
 from pathlib import Path
 
@@ -45,6 +47,39 @@ BASE_LAYOUT = (
 """What a base folder holds: what ``FluxFillPipeline.save_pretrained`` writes."""
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+_WEIGHTLESS: contextvars.ContextVar[bool] = contextvars.ContextVar("catvton_weightless", default=False)
+
+
+@contextlib.contextmanager
+def weightless():
+    """Inside this block every loader of this module builds its models from their config files on
+    the ``meta`` device and reads no weights; tokenizers and the scheduler load as usual. The dry run
+    (:mod:`catvton.train.dryrun`) runs the job's own loading, training and serving code at full size
+    this way, on a weightless FLUX.1-Fill-dev folder (:func:`catvton.model.skeleton.write_skeleton`)."""
+    token = _WEIGHTLESS.set(True)
+    try:
+        yield
+    finally:
+        _WEIGHTLESS.reset(token)
+
+
+def _pretrained(cls, path: str, subfolder: str | None, torch_dtype: torch.dtype):
+    """``cls.from_pretrained(path, subfolder=..., dtype=...)``, or inside :func:`weightless` the same
+    model built from its config on ``meta`` (diffusers models by ``from_config``, transformers' by
+    their config class)."""
+    if not _WEIGHTLESS.get():
+        return cls.from_pretrained(path, subfolder=subfolder, dtype=torch_dtype)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch_dtype)  # built in the weights' dtype, as from_pretrained loads them
+    try:
+        with torch.device("meta"):
+            if hasattr(cls, "load_config"):
+                return cls.from_config(cls.load_config(path, subfolder=subfolder))
+            return cls(cls.config_class.from_pretrained(path, subfolder=subfolder or ""))
+    finally:
+        torch.set_default_dtype(old)
 
 
 class BaseModelError(ValueError):
@@ -154,8 +189,7 @@ def load_transformer(base: str, override: str | None = None, torch_dtype: torch.
         config = FluxTransformer2DModel.load_config(path, subfolder=subfolder)
         where = f"base {base} (transformer/)"
     _check_fill(config, where)
-    model = FluxTransformer2DModel.from_pretrained(path, subfolder=subfolder, dtype=torch_dtype)
-    return model.eval()
+    return _pretrained(FluxTransformer2DModel, path, subfolder, torch_dtype).eval()
 
 
 def load_pipeline(
@@ -180,6 +214,10 @@ def load_pipeline(
 
         config = FluxTransformer2DModel.load_config(path, subfolder="transformer")
         _check_fill(config, f"base {base} (transformer/)")
+    if _WEIGHTLESS.get():  # every model given: from_pretrained reads only tokenizers and scheduler
+        extra.setdefault("transformer", load_transformer(base, None, torch_dtype))
+        extra["vae"] = load_vae(base, torch_dtype)
+        _, extra["text_encoder"], _, extra["text_encoder_2"] = load_text_encoders(base, torch_dtype)
     pipe = FluxFillPipeline.from_pretrained(path, dtype=torch_dtype, **extra)
     pipe.to(device)
     for component in pipe.components.values():
@@ -193,7 +231,7 @@ def load_vae(base: str, torch_dtype: torch.dtype = torch.float32):
     """The base's ``AutoencoderKL`` (``vae/``), eval mode: for encoding latents once, up front."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL.from_pretrained(resolve_base(base), subfolder="vae", dtype=torch_dtype).eval()
+    return _pretrained(AutoencoderKL, resolve_base(base), "vae", torch_dtype).eval()
 
 
 def load_text_encoders(base: str, torch_dtype: torch.dtype = torch.float32):
@@ -205,7 +243,22 @@ def load_text_encoders(base: str, torch_dtype: torch.dtype = torch.float32):
 
     path = resolve_base(base)
     tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=torch_dtype)
+    text_encoder = _pretrained(CLIPTextModel, path, "text_encoder", torch_dtype)
     tokenizer_2 = T5TokenizerFast.from_pretrained(path, subfolder="tokenizer_2")
-    text_encoder_2 = T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", dtype=torch_dtype)
+    text_encoder_2 = _pretrained(T5EncoderModel, path, "text_encoder_2", torch_dtype)
     return tokenizer, text_encoder.eval(), tokenizer_2, text_encoder_2.eval()
+
+
+def pipeline_around(base: str, transformer: torch.nn.Module, torch_dtype: torch.dtype, text_encoders: bool = True):
+    """The base's ``FluxFillPipeline`` around an already built ``transformer`` (one being trained),
+    its VAE (and, with ``text_encoders``, CLIP and T5 with their tokenizers) loaded from ``base``;
+    without them the caller passes prompt embeddings. Nothing moved: the caller places it."""
+    from diffusers import FluxFillPipeline
+
+    path = resolve_base(base)
+    extra: dict = {"vae": load_vae(base, torch_dtype)} if _WEIGHTLESS.get() else {}
+    if not text_encoders:
+        extra.update(text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None)
+    elif _WEIGHTLESS.get():
+        _, extra["text_encoder"], _, extra["text_encoder_2"] = load_text_encoders(base, torch_dtype)
+    return FluxFillPipeline.from_pretrained(path, transformer=transformer, dtype=torch_dtype, **extra)

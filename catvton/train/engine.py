@@ -19,6 +19,7 @@ import torch
 from catvton.config import Config
 from catvton.infer.levers import blank_garment_tokens
 from catvton.model.loading import load_transformer
+from catvton.model.host import host_floats
 from catvton.model.lora import lora_config
 from catvton.train import flow
 
@@ -175,13 +176,13 @@ def train_step(model: torch.nn.Module, micro_batches: Sequence[dict], loss_fn: L
             (loss / n).backward()
         losses.append(loss.detach())
     if max_grad_norm > 0:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+        grad_norm = host_floats(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))[0]
     else:
         grad_norm = float("nan")
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    values = torch.stack(losses).tolist()  # one device sync for all micro-batches
+    values = host_floats(torch.stack(losses))  # one device sync for all micro-batches
     return StepResult(loss=sum(values) / n, grad_norm=grad_norm)
 
 
@@ -214,7 +215,7 @@ def fixed_val_loss(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]
             g = torch.Generator().manual_seed(10_000 + 97 * i + j)
             one = {k: batch[k][j:j + 1] for k in ("target", "masked", "mask")}
             sigma = torch.linspace(0.05, 0.95, 7)[(i + j) % 7].reshape(1)  # spread over noise levels
-            loss = float(fill_loss(model, one, text, cfg, g, sigmas=sigma))
+            loss = host_floats(fill_loss(model, one, text, cfg, g, sigmas=sigma))[0]
             for key in ("val_loss", f"val_loss_{group}"):
                 sums[key] = sums.get(key, 0.0) + loss
                 counts[key] = counts.get(key, 0) + 1
