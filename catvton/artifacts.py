@@ -159,14 +159,20 @@ def save_training_state(folder: Path, state: dict[str, Any]) -> None:
     torch.save(state, Path(folder) / TRAINING_STATE)
 
 
-def load_training_state(folder: str | Path) -> dict[str, Any]:
-    """What :func:`save_training_state` wrote (``step``, ``history``, optimizer, RNG states...)."""
+def load_training_state(folder: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """What :func:`save_training_state` wrote (``step``, ``history``, optimizer, RNG states...),
+    its tensors on ``map_location`` (``torch.load``'s).
+
+    The CPU by default: GPU workers write the file, and without a map every tensor comes back on
+    the device it was saved from: the driver on a GPU-less head node (which reads the loss
+    history after training) fails, and every rank of a node would unpickle its optimizer state
+    onto cuda:0."""
     import torch
 
     path = Path(folder) / TRAINING_STATE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: {folder} is not a training checkpoint")
-    return torch.load(path, weights_only=False)
+    return torch.load(path, map_location=map_location, weights_only=False)
 
 
 def loss_history(checkpoint: str | Path) -> list[dict[str, Any]]:

@@ -15,6 +15,7 @@ import torch
 
 from catvton import artifacts
 from catvton.config import Config
+from catvton.model.host import host_tensor
 
 
 def lora_metadata(model: torch.nn.Module) -> dict[str, Any]:
@@ -32,7 +33,7 @@ def save_weights(model: torch.nn.Module, folder: Path, cfg: Config) -> None:
         from diffusers import FluxFillPipeline
         from peft.utils import get_peft_model_state_dict
 
-        state = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+        state = {k: host_tensor(v.detach().float()) for k, v in get_peft_model_state_dict(model).items()}
         FluxFillPipeline.save_lora_weights(folder, transformer_lora_layers=state, weight_name=artifacts.LORA_WEIGHTS,
                                            transformer_lora_adapter_metadata=lora_metadata(model))
     else:
@@ -149,7 +150,10 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer, scheduler, 
             f"{cfg.run.name}; {'; '.join(changed)}): its weights cannot continue this run. Give this run a new "
             f"name (--set run.name={cfg.run.name}-2), or, to train this name again from step 0, delete "
             f"{cfg.run.storage_path}/{cfg.run.name}")
-    state = artifacts.load_training_state(folder)
+    # onto the CPU, not this rank's GPU: the RNG states must be CPU tensors (set_rng_state), and
+    # the optimizers move their state onto each parameter's device themselves (torch's in
+    # load_state_dict, bitsandbytes' 8-bit AdamW at its first step)
+    state = artifacts.load_training_state(folder, map_location="cpu")
     note = resume_note(int(state["step"]), state.get("total_steps"), total, cfg)
     load_weights(model, folder, cfg)
     optimizer.load_state_dict(state["optimizer"])
