@@ -42,26 +42,64 @@ class WorkerHooks(Protocol):
         """After the last step, with the trained (unwrapped) model."""
 
 
+VAL_ORDER = ["group", "pid", "person_pose"]
+"""The columns that order the validation pairs (:func:`choose_val_rows`)."""
+VAL_COLUMNS = ["group", "pid", "target", "masked", "mask"]
+"""What a validation batch is decoded from (:func:`catvton.cache.read.decode_batch`)."""
+
+
 def load_val_batches(cache: Path, manifest: dict, cfg: Config, device) -> list[dict[str, Any]]:
     """The first ``val_batches * batch_size`` validation pairs, balanced over groups, in a fixed
-    order: the same samples in every run with the same cache."""
-    import pandas as pd
+    order: the same samples in every run with the same cache.
+
+    Only what is kept is read: the ordering columns of the whole split, then the latents and masks
+    of the chosen pairs (at full size a row's latents are ~1.6 MB; the split's others, and every
+    canvas PNG, stay on disk)."""
     import pyarrow.parquet as pq
 
-    files = split_files(cache, "val")
+    files = [pq.ParquetFile(f) for f in split_files(cache, "val")]
     if not files:
         return []
-    table = pq.read_table(files).to_pandas()
-    table = table.sort_values(["group", "pid", "person_pose"]).reset_index(drop=True)
-    n = cfg.train.val_batches * cfg.train.batch_size
-    groups = sorted(table["group"].unique())
-    per_group = max(1, n // max(1, len(groups)))
-    table = pd.concat([table[table["group"] == g].head(per_group) for g in groups]).reset_index(drop=True)
+    chosen = choose_val_rows([f.read(columns=VAL_ORDER) for f in files], cfg.train.val_batches * cfg.train.batch_size)
+    table = read_rows(files, chosen, VAL_COLUMNS)
+    columns = {c: table.column(c).to_numpy(zero_copy_only=False) for c in VAL_COLUMNS}
     batches = []
-    for i in range(0, len(table), cfg.train.batch_size):
-        chunk = {c: table[c].to_numpy()[i:i + cfg.train.batch_size] for c in table.columns}
+    for i in range(0, len(chosen), cfg.train.batch_size):
+        chunk = {c: v[i:i + cfg.train.batch_size] for c, v in columns.items()}
         batches.append(_to_device(decode_batch(chunk, manifest), device))
     return batches
+
+
+def choose_val_rows(keys: list, n: int) -> list[tuple[int, int]]:
+    """``(file, row)`` of the validation pairs to keep, in order, from each file's
+    :data:`VAL_ORDER` columns (``keys``, pyarrow tables): every pair sorted by group, pid and
+    person pose (ties in file order), then the first ``n // groups`` (at least 1) of each group."""
+    import pandas as pd
+
+    frame = pd.concat([k.to_pandas().assign(file=i, row=np.arange(k.num_rows)) for i, k in enumerate(keys)],
+                      ignore_index=True).sort_values(VAL_ORDER, kind="stable")
+    per_group = max(1, n // max(1, frame["group"].nunique()))
+    kept = frame.groupby("group").head(per_group)  # in the sorted order
+    return [(int(f), int(r)) for f, r in zip(kept["file"], kept["row"])]
+
+
+def read_rows(files: list, rows: list[tuple[int, int]], columns: list[str]):
+    """The ``(file, row)`` ``rows`` of ``files`` (``pyarrow.parquet.ParquetFile``), in that order,
+    as one pyarrow table. Parquet reads whole row groups: only those that hold one of ``rows`` are
+    read (the cache build writes one per encoded block, a few rows of each split), one at a time."""
+    import pyarrow as pa
+
+    parts, where = [], []  # the rows taken from each row group read, and their (file, row)
+    for i, f in enumerate(files):
+        wanted = sorted(r for file, r in rows if file == i)
+        starts = np.cumsum([0] + [f.metadata.row_group(g).num_rows for g in range(f.num_row_groups)])
+        groups = np.searchsorted(starts, wanted, side="right") - 1
+        for g in sorted(set(groups.tolist())):
+            local = [r - int(starts[g]) for r, k in zip(wanted, groups) if k == g]
+            parts.append(f.read_row_group(g, columns=columns).take(local))  # a copy: the group is freed
+            where += [(i, int(starts[g]) + r) for r in local]
+    position = {row: k for k, row in enumerate(where)}
+    return pa.concat_tables(parts).take([position[row] for row in rows])
 
 
 def shard_micro_batches(shard, manifest: dict, cfg: Config, device, first_epoch: int) -> Iterator[tuple[int, dict]]:
