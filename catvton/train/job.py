@@ -17,7 +17,7 @@ from catvton import artifacts
 from catvton.artifacts import FINAL_METRICS, LOSS_HISTORY, PLACEMENT_GROUP, READ_MODE, REFUSED, STOPPED
 from catvton.cache.build import build_latent_cache
 from catvton.cache.read import open_split, split_files
-from catvton.config import Config
+from catvton.config import Config, ConfigError
 from catvton.ray_utils import run_logs
 from catvton.train.checkpoint import REFUSALS, ResumeRefused
 from catvton.train.engine import NonFiniteLoss
@@ -75,20 +75,72 @@ def split_bytes(cache_dir: Path, split: str) -> int:
     return sum(Path(f).stat().st_size for f in split_files(cache_dir, split))
 
 
-def read_mode(cluster_cpus: float, num_workers: int, cpus_per_worker: float, train_bytes: int) -> tuple[bool, str]:
+def read_mode(cluster_cpus: float, num_workers: int, cpus_per_worker: float, train_bytes: int,
+              use_gpu: bool = False) -> tuple[bool, str]:
     """``(materialize, why)``: the job's own choice of how the workers read the training split.
 
-    Materialized (held in the object store) when the training workers would leave less than one
-    CPU of the cluster for Ray Data's read tasks (a streaming read would wait behind them), or
-    when the split is under :data:`SMALL_SPLIT_BYTES`; streamed otherwise. Both modes survive a
-    lost node (``cluster/node_loss_drill.py --read stream|materialize``): a stream restarts its
-    read, held blocks are rebuilt from lineage."""
+    Materialized (held in the object store) when CPU workers would leave less than one of the
+    ``cluster_cpus`` for Ray Data's read tasks (a streaming read would wait behind them), or when
+    the split is under :data:`SMALL_SPLIT_BYTES`; streamed otherwise. Both modes survive a lost
+    node (``cluster/node_loss_drill.py --read stream|materialize``): a stream restarts its read,
+    held blocks are rebuilt from lineage.
+
+    GPU workers (``use_gpu``) are judged without ``cluster_cpus``: each holds ``cpus_per_worker``
+    CPUs of its GPU node and leaves the node's others to Ray Data. What the cluster shows when the
+    job starts says nothing about those nodes: an autoscaling cluster (``cluster/aws-l40s.yaml``,
+    ``min_workers: 0``) is then its head alone, with 0 CPUs for work, and the rule for CPU workers
+    would hold every split in the object store. For CPU workers the count is the right one: they
+    run on the cluster there is (a local Ray does not grow)."""
     free = cluster_cpus - num_workers * cpus_per_worker
-    if free < 1:
+    if not use_gpu and free < 1:
         return True, f"materialize: the training workers leave {free:g} CPU for Ray Data's read"
     if train_bytes < SMALL_SPLIT_BYTES:
         return True, f"materialize: the training split is {train_bytes / 2**20:.0f} MiB (< {SMALL_SPLIT_BYTES >> 20} MiB)"
+    if use_gpu:
+        return False, (f"stream: {train_bytes / 2**30:.1f} GiB training split; the {num_workers} GPU workers hold "
+                       f"{num_workers * cpus_per_worker:g} CPUs of their GPU nodes, the nodes' other CPUs read")
     return False, f"stream: {train_bytes / 2**30:.1f} GiB training split, {free:g} CPUs free for the read"
+
+
+def shared_storage_problems(cfg: Config, nodes_alive: int, node_resources: dict[str, float]) -> list[str]:
+    """The run folders a run on several nodes cannot use: a relative ``run.storage_path`` or
+    ``run.output_dir`` (each node would resolve it in its own working directory: the workers'
+    checkpoints and files would scatter over the nodes, and a worker restarted elsewhere would not
+    find them), when the workers may run on another node than this process.
+
+    They may when the cluster has more than one node alive, or when this process's node
+    (``node_resources``) cannot hold them: fewer GPUs or CPUs than they ask for. An autoscaling
+    cluster at the job's start is its head alone (no GPU, 0 CPUs in ``cluster/``), and the workers
+    go to the nodes it adds. One machine that holds its workers (the tiny default, a GPU box) is
+    never refused. Absolute paths are taken as given (``/mnt/shared/...`` on the clusters here)."""
+    t = cfg.train
+    gpus, cpus = (t.num_workers if t.use_gpu else 0), t.num_workers * t.cpus_per_worker
+    if nodes_alive > 1:
+        where = f"the cluster has {nodes_alive} nodes"
+    elif node_resources.get("GPU", 0) < gpus:
+        where = f"this node has {node_resources.get('GPU', 0):g} of the {gpus} GPUs they ask for"
+    elif node_resources.get("CPU", 0) < cpus:
+        where = f"this node has {node_resources.get('CPU', 0):g} of the {cpus:g} CPUs they ask for"
+    else:
+        return []
+    shared = {"storage_path": "/mnt/shared/ray (or s3://bucket/ray)", "output_dir": "/mnt/shared/outputs"}
+    return [f"run.{key}={value}: a relative folder, and the training workers run on other nodes ({where}), where it "
+            f"is another folder; set a folder every node shares: run.{key}={shared[key]}"
+            for key, value in (("storage_path", cfg.run.storage_path), ("output_dir", cfg.run.output_dir))
+            if "://" not in value and not Path(value).expanduser().is_absolute()]
+
+
+def require_shared_storage(cfg: Config) -> None:
+    """Raise :class:`catvton.config.ConfigError` with :func:`shared_storage_problems` of the
+    running Ray cluster (before anything is built or written)."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    node = next((n.get("Resources", {}) for n in alive if n.get("NodeID") == here), {})
+    problems = shared_storage_problems(cfg, len(alive), node)
+    if problems:
+        raise ConfigError(problems)
 
 
 def training_dataset(cache_dir: Path, seed: int, materialize: bool):
@@ -130,8 +182,8 @@ def fit(cfg: Config, cache_dir: Path, log: Callable[[str], None] = print, log_ev
     same ``run.storage_path``) resumes that run from its latest checkpoint.
 
     ``callbacks``: Ray Train callbacks (a sweep passes ``TuneReportCallback``). ``materialize``:
-    read the training split into the object store before training (None: when the workers would
-    leave no CPU free for a streaming read, or the split is under :data:`SMALL_SPLIT_BYTES`). ``worker_hooks``: a small picklable
+    read the training split into the object store before training (None: the job's choice,
+    :func:`read_mode`). ``worker_hooks``: a small picklable
     :class:`catvton.train.loop.WorkerHooks` every worker calls (tests inject faults with it).
     ``progress``: draw the run's progress bar on this console (:mod:`catvton.train.progress`);
     entry points turn it on, a fit inside a Tune trial leaves it off. With a local Ray started
@@ -140,19 +192,22 @@ def fit(cfg: Config, cache_dir: Path, log: Callable[[str], None] = print, log_ev
     Raises :class:`catvton.train.engine.NonFiniteLoss` when the workers stopped on a NaN or
     infinite loss, and :class:`catvton.train.checkpoint.ResumeRefused` when ``run.name`` names
     a run whose checkpoint this config must not resume (``ScheduleChanged``: past this config's
-    different schedule; ``ModelChanged``: another model): nothing is exported then."""
+    different schedule; ``ModelChanged``: another model): nothing is exported then. Raises
+    :class:`catvton.config.ConfigError` before anything runs when the workers will be on other
+    nodes and a run folder is relative (:func:`shared_storage_problems`)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     t = cfg.train
+    require_shared_storage(cfg)
     out_dir = run_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     for reason in (STOPPED, REFUSED):  # left by an earlier attempt
         (out_dir / reason).unlink(missing_ok=True)
     if materialize is None:
         materialize, why = read_mode(ray.cluster_resources().get("CPU", 0), t.num_workers, t.cpus_per_worker,
-                                     split_bytes(cache_dir, "train"))
+                                     split_bytes(cache_dir, "train"), use_gpu=t.use_gpu)
     else:
         why = ("materialize" if materialize else "stream") + ": asked by the caller"
     with run_logs(out_dir, log), ProgressBar(cfg.run.name, enabled=progress, log=log) as bar:

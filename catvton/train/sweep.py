@@ -35,7 +35,7 @@ from catvton.artifacts import LORA_WEIGHTS, METRICS, TRAINING_CONFIG, export_ato
 from catvton.cache.build import build_latent_cache
 from catvton.cache.read import load_manifest
 from catvton.config import Config, ConfigError, apply_overrides, config_from_dict, sweep_problems, total_steps
-from catvton.train.job import fit, release_placement_group
+from catvton.train.job import fit, release_placement_group, require_shared_storage
 
 TRIAL_DRIVER_CPU = 0.5
 """CPU reserved by each trial's own function (it only waits on its TorchTrainer)."""
@@ -56,8 +56,9 @@ class SweepOutcome:
 
 
 def max_concurrent_trials(cfg: Config, resources: dict[str, float]) -> int:
-    """Trials that fit at once: GPUs over GPUs per trial on a GPU cluster; on CPUs, the CPUs left
-    after one for Ray Data and the Tune driver, over each trial's workers plus its function."""
+    """Trials that fit at once in ``resources`` (``tune.max_concurrent_trials`` when set): GPUs
+    over GPUs per trial on a GPU cluster; on CPUs, the CPUs left after one for Ray Data and the
+    Tune driver, over each trial's workers plus its function."""
     if cfg.tune.max_concurrent_trials:
         return cfg.tune.max_concurrent_trials
     t = cfg.train
@@ -65,6 +66,50 @@ def max_concurrent_trials(cfg: Config, resources: dict[str, float]) -> int:
         return max(1, int(resources.get("GPU", 0) // t.num_workers))
     per_trial = t.num_workers * t.cpus_per_worker + TRIAL_DRIVER_CPU
     return max(1, int((resources.get("CPU", 0) - 1) // per_trial))
+
+
+def num_trials(cfg: Config) -> int:
+    """Trials the search runs: ``num_samples`` (random), every lr x rank pair ``num_samples``
+    times (grid)."""
+    s = cfg.tune
+    return s.num_samples * (len(s.lr_grid) * len(s.ranks) if s.search == "grid" else 1)
+
+
+def sweep_concurrency(cfg: Config, live: dict[str, float], declared: dict[str, float] | None = None) -> int:
+    """Trials a new sweep lets run at once (Tune's ``max_concurrent_trials``), from what is
+    declared rather than from what the cluster shows at its start:
+
+    1. ``tune.max_concurrent_trials`` when set: the user knows the cluster's ceiling.
+    2. CPU workers: the trials that fit in the ``live`` cluster (:func:`max_concurrent_trials`).
+       They run on a local Ray, which does not grow: what is there is all there will be.
+    3. GPU workers: the trials that fit in the cluster's ``declared`` maximum (its node types
+       times their max counts, which Ray's autoscaler reports from its config: v2 does, the v1 of
+       ``ray up`` does not), and when there is none, every trial of the search
+       (:func:`num_trials`); never fewer than fit in the ``live`` cluster.
+
+    Why not the live cluster on GPUs: an autoscaling cluster (``cluster/aws-l40s.yaml``,
+    ``min_workers: 0``) has no GPU when the sweep starts, and a trial Tune has not started asks
+    for nothing, so one trial at a time would never make the autoscaler add a second node. A
+    started trial that does not fit waits: its workers' placement group is pending (Ray Train
+    asks again every minute), which is the demand the autoscaler adds nodes for, up to its
+    ``max_workers``; a waiting trial holds only its function's :data:`TRIAL_DRIVER_CPU`. Asking
+    for too many trials costs that; asking for too few leaves the GPUs the cluster may have idle."""
+    if cfg.tune.max_concurrent_trials or not cfg.train.use_gpu:
+        return max_concurrent_trials(cfg, live)
+    ceiling = max_concurrent_trials(cfg, declared) if declared else num_trials(cfg)
+    return max(1, min(num_trials(cfg), max(ceiling, max_concurrent_trials(cfg, live))))
+
+
+def declared_resources() -> dict[str, float] | None:
+    """The most the running cluster may grow to, from its autoscaler's config (None when it
+    reports none: a local Ray, a fixed cluster, the v1 autoscaler). Ray Train and Ray Data read the
+    same figure (``ray._private.state``: no public API gives it in Ray 2.60)."""
+    try:
+        from ray._private.state import state
+
+        return state.get_max_resources_from_cluster_config() or None
+    except Exception:  # a private API: a Ray without it is a cluster that declares nothing
+        return None
 
 
 def param_space(cfg: Config) -> dict[str, Any]:
@@ -224,6 +269,7 @@ def run_sweep(cfg: Config, num_encoders: int = 1, log: Callable[[str], None] = p
     problems = sweep_problems(cfg)  # before the cache is built; its length once it is
     if problems:
         raise ConfigError(problems)
+    require_shared_storage(cfg)
     cache = build_latent_cache(cfg, num_encoders=num_encoders, use_gpu=cfg.train.use_gpu, log=log)
     steps = trial_steps(cfg, cache)
     sweep_dir = sweep_folder(cfg.run.output_dir, cfg.tune.name)
@@ -256,13 +302,15 @@ def _new_tuner(cfg: Config, trainable, cache: Path, steps: int, sweep_dir: Path,
     tmp.write_text(json.dumps(saved.to_dict(), indent=2) + "\n")
     tmp.replace(sweep_dir / SWEEP_CONFIG)
     resources = ray.cluster_resources()
-    concurrent = max_concurrent_trials(cfg, resources)
+    concurrent = sweep_concurrency(cfg, resources, declared_resources())
     t = cfg.train
-    # workers + trial functions that leave no CPU free would starve a streaming read
-    busy = concurrent * (t.num_workers * t.cpus_per_worker + TRIAL_DRIVER_CPU)
-    materialize = resources.get("CPU", 0) - busy < 1
-    log(f"[catvton] sweep {cfg.tune.name}: {cfg.tune.search} search, up to {concurrent} trial(s) at once, "
-        f"ASHA on {cfg.tune.metric} from step {cfg.tune.grace_period} of {steps}")
+    if t.use_gpu:  # each trial's fit chooses from its config and the split (job.read_mode)
+        materialize = None
+    else:  # workers + trial functions that leave no CPU free would starve a streaming read
+        busy = concurrent * (t.num_workers * t.cpus_per_worker + TRIAL_DRIVER_CPU)
+        materialize = resources.get("CPU", 0) - busy < 1
+    log(f"[catvton] sweep {cfg.tune.name}: {cfg.tune.search} search, up to {concurrent} of {num_trials(cfg)} "
+        f"trial(s) at once, ASHA on {cfg.tune.metric} from step {cfg.tune.grace_period} of {steps}")
     return tune.Tuner(
         trainable,
         param_space={**param_space(cfg), "cfg": cfg.to_dict(), "cache_dir": str(cache),
