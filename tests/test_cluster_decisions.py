@@ -130,6 +130,22 @@ def test_a_gpu_sweep_with_relative_run_folders_is_refused_before_its_cache_is_bu
         sweep.run_sweep(cfg, log=lambda _: None)
 
 
+def test_a_gpu_cache_build_sizes_its_stages_for_gpu_nodes_not_for_the_cpus_in_sight(ray_session, tmp_path):
+    """The latent cache build on GPUs (the job's first step): 1 CPU per encoder actor and the
+    read cut for a GPU node's CPUs, though the cluster shows 2 CPUs (the AWS head 0); a CPU
+    build on this machine keeps the small machine's sizes."""
+    from types import SimpleNamespace
+
+    from catvton.cache import build
+
+    rows = tmp_path / "rows.parquet"
+    with open(rows, "wb") as f:
+        f.truncate(4 << 30)
+    source = SimpleNamespace(filesystem=None, files=[str(rows)])
+    assert (build._cpus_per_actor(True), build._block_bytes(source, True)) == (1.0, (4 << 30) // 128)  # 64 blocks
+    assert (build._cpus_per_actor(False), build._block_bytes(source, False)) == (0.25, 128 << 20)  # 8 blocks, capped
+
+
 def test_the_production_preset_keeps_its_run_folders_on_shared_storage():
     """configs/l40s.yaml runs on several nodes: its folders are the shared ones every cluster
     config mounts (cluster/aws-l40s.yaml, cluster/kuberay/), with no --set needed."""

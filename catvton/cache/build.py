@@ -181,22 +181,25 @@ def _split_summary(folder: Path) -> tuple[dict, dict, dict]:
     return counts, {s: len(v) for s, v in pids.items()}, folders
 
 
-def _block_bytes(source, min_blocks: int = 8, max_blocks: int = 64) -> int:
+def _block_bytes(source, use_gpu: bool, min_blocks: int = 8, max_blocks: int = 64) -> int:
     """Target block size for the read: the source split into about two blocks per CPU (8 to 64;
-    the sort moves blocks^2 pieces), counting half the file bytes (``mask_overlay`` is not read)."""
+    the sort moves blocks^2 pieces), counting half the file bytes (``mask_overlay`` is not read).
+    A GPU build plans for ``max_blocks``: it runs on GPU nodes of tens of CPUs, which an
+    autoscaling cluster has not started yet when the build begins (its head has 0 CPUs)."""
     import ray
 
-    cpus = int(ray.cluster_resources().get("CPU", 1))
+    cpus = max_blocks if use_gpu else int(ray.cluster_resources().get("CPU", 1))
     blocks = min(max_blocks, max(min_blocks, 2 * cpus))
     return int(min(128 << 20, max(1 << 20, source_bytes(source) // (2 * blocks))))
 
 
-def _cpus_per_actor() -> float:
-    """1 CPU per encoder actor (and the prompt task) on a real cluster; a quarter on a small
+def _cpus_per_actor(use_gpu: bool) -> float:
+    """1 CPU per encoder actor (and the prompt task) on a real cluster: on GPUs (GPU nodes, however
+    few CPUs the cluster shows at the build's start), or with 8 CPUs or more; a quarter on a small
     machine, where actors holding whole CPUs starve the read, sort and write tasks."""
     import ray
 
-    return 1.0 if ray.cluster_resources().get("CPU", 0) >= 8 else 0.25
+    return 1.0 if use_gpu or ray.cluster_resources().get("CPU", 0) >= 8 else 0.25
 
 
 def build_latent_cache(cfg: Config, num_encoders: int = 1, use_gpu: bool = False, batch_size: int = 16,
@@ -257,14 +260,14 @@ def _run(cfg: Config, out: Path, work: Path, num_parts: int | None, num_encoders
     worker_cfg["model"]["base"] = resolve_base(cfg.model.base)
     device = "cuda" if use_gpu else "cpu"
     gpus = 1 if use_gpu else 0
-    actor_cpus = _cpus_per_actor()
+    actor_cpus = _cpus_per_actor(use_gpu)
     log(f"latent cache: {len(source.files)} parquet files of {source.name}, {num_encoders} encoder(s) on {device}")
 
     # The prompt: once, in a task that can take a GPU (T5-XXL is 9.5 GB in bf16).
     text_ref = ray.remote(encode_prompt_task).options(num_gpus=gpus, num_cpus=actor_cpus).remote(worker_cfg, device)
 
     parts = pids_by_part(source, num_parts or default_num_parts(source))
-    block_bytes = _block_bytes(source)
+    block_bytes = _block_bytes(source, use_gpu)
 
     def run_part(pids: list[str], part_out: Path) -> dict[str, Any]:
         """The pipeline over the rows of ``pids`` into ``part_out``; its counts."""
