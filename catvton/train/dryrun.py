@@ -68,6 +68,10 @@ SERVE_CONFIG = "serve/config.l40s.yaml"
 TRACE_ROOTS = ("catvton", "serve", "ray_jobs")
 """Where a failure's frame is looked for: the project's code, not torch's."""
 
+INFER_STEPS = 2
+"""Denoising steps of the dry run's sample grid and try-ons: every step runs the same code and holds
+the same memory, and the second checks the step-to-step path (28 would only take 14x longer)."""
+
 CATEGORIES = ("parameters", "buffers", "gradients", "optimizer", "activations", "temporaries", "inputs", "other")
 
 
@@ -152,6 +156,7 @@ def dry_config(cfg: Config, base: Path, out: Path) -> Config:
     d = config_from_dict(cfg.to_dict())
     d.model.base, d.model.transformer_override = str(base), None
     d.run.output_dir, d.run.storage_path = str(out / "outputs"), str(out / "ray")
+    d.infer.steps = INFER_STEPS
     return d
 
 
@@ -253,9 +258,13 @@ def check_placement(cfg: Config, base: Path, out: Path, serve_config: Path | Non
 
 
 def _tracker():
-    """``MemTracker`` for a frozen base: it hooks every parameter's gradient, which a parameter
-    that needs none refuses; here only trainable parameters are hooked."""
-    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+    """``MemTracker`` for a frozen base at full depth. Two changes: only trainable parameters get
+    gradient hooks (it hooks every parameter, which one that needs no gradient refuses), and only
+    the global peak is kept (its per-module peaks walk every module at every op: quadratic in depth,
+    hours at 57 blocks)."""
+    from copy import deepcopy
+
+    from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
 
     class FrozenBaseTracker(MemTracker):
         def _track_module_params_and_buffers(self, module, install_grad_hooks: bool = True):
@@ -269,25 +278,51 @@ def _tracker():
                             p.register_hook(grad), p.register_post_accumulate_grad_hook(lambda q: grad(q.grad)))
             return out
 
+        def _update_peak_stats(self, peak_state) -> None:
+            for dev, snap in self._curr_mem_snap.items():
+                if self._peak_mem.get(dev, 0) < snap[_TOTAL_KEY]:
+                    self._peak_mem[dev] = snap[_TOTAL_KEY]
+                    self._peak_mem_snap[dev] = deepcopy(snap)
+
     return FrozenBaseTracker()
 
 
-def _flop_counter():
-    """``FlopCounterMode`` that also counts torch's CPU flash attention (forward and backward) with
-    the SDPA formulas torch uses for the GPU kernels."""
-    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+class FlopCount:
+    """FLOPs of the matrix products, convolutions and attention run inside it, by torch's own
+    formulas (``torch.utils.flop_counter``), torch's CPU flash attention counted as the GPU kernels
+    are. A plain dispatch mode: ``FlopCounterMode`` also decomposes every op it has no formula for
+    and attributes FLOPs to modules, minutes at full depth for the same total."""
 
-    aten = torch.ops.aten
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
-    def fwd(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-        return sdpa_flop_count(query_shape, key_shape, value_shape)
+        aten = torch.ops.aten
+        registry = dict(flop_registry)
+        registry[aten._scaled_dot_product_flash_attention_for_cpu] = (
+            lambda q, k, v, *a, out_val=None, **kw: sdpa_flop_count(q.shape, k.shape, v.shape))
+        registry[aten._scaled_dot_product_flash_attention_for_cpu_backward] = (
+            lambda go, q, k, v, *a, out_val=None, **kw: sdpa_backward_flop_count(go.shape, q.shape, k.shape, v.shape))
+        counter = self
+        self.total = 0
 
-    def bwd(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-        return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                out = func(*args, **kwargs)
+                formula = registry.get(func._overloadpacket)
+                if formula is not None:
+                    counter.total += int(formula(*args, **kwargs, out_val=out))
+                return out
 
-    return FlopCounterMode(display=False, custom_mapping={
-        aten._scaled_dot_product_flash_attention_for_cpu: fwd,
-        aten._scaled_dot_product_flash_attention_for_cpu_backward: bwd})
+        self._mode = Mode()
+
+    def __enter__(self) -> "FlopCount":
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
 
 
 def _categories(snapshot: dict) -> dict[str, int]:
@@ -369,11 +404,11 @@ def measure_step(cfg: Config, base: Path, batch: int, rank: int, checkpointing: 
         tracker = _tracker()
         tracker.track_external(model, optimizer, text.prompt, text.pooled, text.img_ids, text.txt_ids, *(
             v for m in micro for v in m.values() if torch.is_tensor(v)))
-        with _flop_counter() as flops, tracker:
+        with FlopCount() as flops, tracker:
             engine.train_step(model, micro, loss_fn, optimizer, scheduler, params, c.train.max_grad_norm)
         cats = _categories(tracker.get_tracker_snapshot("peak"))
     return Measured(name or f"train b{batch} r{rank} ckpt {'on' if checkpointing else 'off'}", cats,
-                    sum(cats.values()), int(flops.get_total_flops()), time.perf_counter() - t0, batch, rank,
+                    sum(cats.values()), flops.total, time.perf_counter() - t0, batch, rank,
                     checkpointing)
 
 
@@ -383,10 +418,10 @@ def _measure_call(name: str, modules: list[torch.nn.Module], call: Callable[[], 
     tracker = _tracker()
     tracker.track_external(*[m for m in modules if m is not None])
     t0 = time.perf_counter()
-    with torch.no_grad(), _flop_counter() as flops, tracker:
+    with torch.no_grad(), FlopCount() as flops, tracker:
         call()
     cats = _categories(tracker.get_tracker_snapshot("peak"))
-    return Measured(name, cats, sum(cats.values()), int(flops.get_total_flops()), time.perf_counter() - t0, batch)
+    return Measured(name, cats, sum(cats.values()), flops.total, time.perf_counter() - t0, batch)
 
 
 def measure_grid(cfg: Config, base: Path) -> Measured:
@@ -445,6 +480,20 @@ def _gb(n: float) -> str:
     return f"{n / GB:6.2f}"
 
 
+def quiet_libraries() -> None:
+    """Library chatter off the console: the dry run loads models without weights on purpose."""
+    import warnings
+
+    import diffusers
+    import transformers
+
+    warnings.filterwarnings("ignore", message=".*(meta parameter|copying from a non-meta).*")
+    warnings.filterwarnings("ignore", message="invalid value encountered in cast")  # NaN pictures from meta
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
 def table(rows: list[Measured]) -> str:
     head = (f"{'row':34s} {'params':>7s} {'grads':>6s} {'optim':>6s} {'activ':>6s} {'temps':>6s} {'other':>6s} "
             f"{'tensors':>8s} {'GPU':>7s} {'TFLOP':>7s}")
@@ -474,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="preset: the config's own step and the Serve rows; all: + batch 1/2 x rank 16/64 x checkpointing")
     p.add_argument("--json", help="write the results here")
     a = p.parse_args(argv)
-    torch.set_num_threads(1)
+    quiet_libraries()
     try:
         cfg = load_config(a.config, a.overrides)
     except ConfigError as e:

@@ -214,7 +214,9 @@ def fixed_val_loss(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]
         for j, group in enumerate(batch["group"]):
             g = torch.Generator().manual_seed(10_000 + 97 * i + j)
             one = {k: batch[k][j:j + 1] for k in ("target", "masked", "mask")}
-            sigma = torch.linspace(0.05, 0.95, 7)[(i + j) % 7].reshape(1)  # spread over noise levels
+            # spread over noise levels; made where the latents are: a (1,) CPU tensor beside CUDA
+            # latents stops the step ("Expected all tensors to be on the same device")
+            sigma = torch.linspace(0.05, 0.95, 7, device=one["target"].device)[(i + j) % 7].reshape(1)
             loss = host_floats(fill_loss(model, one, text, cfg, g, sigmas=sigma))[0]
             for key in ("val_loss", f"val_loss_{group}"):
                 sums[key] = sums.get(key, 0.0) + loss
