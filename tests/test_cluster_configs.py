@@ -1,6 +1,7 @@
 """The cluster configs (cluster/, runtime_env.yaml) checked offline: the launcher YAML against the
-schema inside the ray package, the KubeRay manifests against the fields the job relies on, and
-each validator shown to reject a broken copy (a check that accepts everything proves nothing).
+schema inside the ray package, the KubeRay manifests against the fields the job relies on, the
+project image's Dockerfile and every image's Ray and Python against pyproject.toml and each other,
+and each validator shown to reject a broken copy (a check that accepts everything proves nothing).
 
     python cluster/validate.py     # the same checks as a command
 """
@@ -144,8 +145,10 @@ def _worker(doc):
     ("rayjob", lambda d: _worker(d)["template"]["spec"]["containers"][0]["resources"]["limits"].pop("nvidia.com/gpu"),
      "resources.limits['nvidia.com/gpu']"),
     ("rayjob", lambda d: d["spec"].pop("entrypoint"), "entrypoint"),
-    ("rayjob", lambda d: d["spec"].update(entrypoint="python ray_jobs/train.py --config configs/l40s.yaml"),
-     "run.storage_path"),
+    ("rayjob", lambda d: d["spec"].update(entrypoint="python ray_jobs/train.py --config configs/l40s.yaml "
+                                                      "--set run.storage_path=outputs/ray"), "run.storage_path"),
+    ("rayjob", lambda d: d["spec"].update(entrypoint="python ray_jobs/train.py --config configs/tiny.yaml"),
+     "run.output_dir=outputs"),                                          # the folders of the config it names
     ("rayjob", lambda d: d["spec"].update(shutdownAfterJobFinishes=False), "shutdownAfterJobFinishes"),
     ("rayjob", lambda d: d["spec"].update(runtimeEnvYAML="pip: [torch==2.13.0]"), "working_dir"),
     ("raycluster", lambda d: _worker(d)["template"]["spec"].pop("tolerations"), "tolerate"),
@@ -158,6 +161,112 @@ def _worker(doc):
 ])
 def test_manifest_validator_rejects_a_broken_copy(raycluster, rayjob, which, breakage, expected):
     bad = copy.deepcopy(raycluster if which == "raycluster" else rayjob)
+    breakage(bad)
+    problems = V.check_kuberay(bad)
+    assert any(expected in p for p in problems), problems
+
+
+# --- the node image and the container images, pinned (issue 24) -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def dockerfile():
+    return (ROOT / "cluster" / "Dockerfile").read_text()
+
+
+def test_every_node_boots_a_pinned_ami_with_a_driver_for_cuda_12_8(launcher):
+    """Without an ImageId Ray boots its default AMI (Deep Learning AMI Ubuntu 18.04 V71, CUDA
+    11.2): a driver older than the L40S and than torch's cu128 wheels (>= 570)."""
+    for name, node_type in launcher["available_node_types"].items():
+        assert node_type["node_config"]["ImageId"] == V.DLAMI_SSM, name
+    assert V.DLAMI_SSM.startswith("resolve:ssm:/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-")
+
+
+def _ami(value):
+    def set_it(c):
+        if value is None:
+            c["available_node_types"]["l40s"]["node_config"].pop("ImageId")
+        else:
+            c["available_node_types"]["l40s"]["node_config"]["ImageId"] = value
+    return set_it
+
+
+def _default_ami():
+    from ray.autoscaler._private.aws.config import DEFAULT_AMI
+
+    return DEFAULT_AMI["us-east-1"]
+
+
+@pytest.mark.parametrize("breakage, expected", [
+    (_ami(None), "ImageId"),                                              # Ray's default AMI boots
+    (_ami("latest_dlami"), "ImageId"),                                    # Ray's name for the same
+    (lambda c: _ami(_default_ami())(c), "Ray's default AMI"),             # spelt out
+    (_ami("resolve:ssm:/aws/service/canonical/ubuntu/server/22.04/stable/current/amd64/hvm/ebs-gp2/ami-id"),
+     "NVIDIA driver"),                                                    # an AMI without the driver
+    (_ami("ubuntu-22.04"), "ImageId"),                                   # neither an id nor a parameter
+    (lambda c: c["docker"].update(head_image="rayproject/ray:2.60.1-py311-cpu"), "differ"),  # head != workers
+    (lambda c: c["docker"].update(worker_image="rayproject/ray:2.60.0-py310-gpu"), "requires-python"),
+    (lambda c: c["docker"].update(worker_image="rayproject/ray:latest-gpu"), "image"),
+    (lambda c: c["docker"].update(worker_image="rayproject/ray:2.61.0-py311-gpu"), "pyproject.toml"),
+])
+def test_the_launcher_refuses_an_unpinned_or_stale_image(launcher, breakage, expected):
+    bad = copy.deepcopy(launcher)
+    breakage(bad)
+    problems = V.check_launcher(bad)
+    assert any(expected in p for p in problems), problems
+
+
+def test_a_pinned_ami_id_is_accepted(launcher):
+    good = copy.deepcopy(launcher)
+    _ami("ami-0123456789abcdef0")(good)  # what `aws ssm get-parameter ... --query Parameter.Value` prints
+    assert V.check_launcher(good) == []
+
+
+def test_the_project_image_is_built_on_the_cluster_images_with_the_runtime_env_pins(dockerfile):
+    assert V.check_dockerfile(dockerfile) == []
+    base = V.dockerfile_base(dockerfile)
+    assert base == "rayproject/ray:2.60.0-py311-gpu"
+    # the same Ray and Python as every cluster image, in the range pyproject.toml allows
+    assert V.check_images_agree(V.cluster_images()) == []
+    assert {V.image_versions(i)[:2] for i in V.cluster_images().values()} == {("2.60.0", "3.11")}
+
+
+@pytest.mark.parametrize("old, new, expected", [
+    ("FROM rayproject/ray:2.60.0-py311-gpu", "FROM rayproject/ray:2.59.0-py311-gpu", "pyproject.toml"),
+    ("FROM rayproject/ray:2.60.0-py311-gpu", "FROM rayproject/ray:2.60.0-py310-gpu", "requires-python"),
+    ("FROM rayproject/ray:2.60.0-py311-gpu", "FROM rayproject/ray:latest-gpu", "image"),
+    ("FROM rayproject/ray:2.60.0-py311-gpu", "FROM nvidia/cuda:12.8.0-runtime-ubuntu22.04", "image"),
+    ("torch==2.13.0", "torch==2.12.0", "runtime_env.yaml"),
+    ("--index-url https://download.pytorch.org/whl/cu128", "", "download.pytorch.org"),
+    ("runtime_env.yaml", "requirements.txt", "runtime_env.yaml"),
+])
+def test_the_dockerfile_check_rejects_a_planted_bad_value(dockerfile, old, new, expected):
+    assert old in dockerfile
+    problems = V.check_dockerfile(dockerfile.replace(old, new))
+    assert any(expected in p for p in problems), problems
+
+
+def test_images_that_differ_between_files_are_refused():
+    images = V.cluster_images()
+    assert {"cluster/Dockerfile", "cluster/aws-l40s.yaml docker.worker_image",
+            "cluster/kuberay/rayjob.yaml RayJob rayClusterSpec worker group l40s"} <= set(images)
+    drifted = {**images, "cluster/kuberay/raycluster.yaml RayCluster head": "rayproject/ray:2.60.1-py311-cpu"}
+    problems = V.check_images_agree(drifted)
+    assert any("2.60.1" in p and "raycluster.yaml" in p for p in problems), problems
+    python = {**images, "cluster/Dockerfile": "rayproject/ray:2.60.0-py312-gpu"}
+    assert any("3.12" in p and "Dockerfile" in p for p in V.check_images_agree(python))
+
+
+@pytest.mark.parametrize("breakage, expected", [
+    (lambda d: _worker(d)["template"]["spec"]["containers"][0].update(image="rayproject/ray:2.60.1-py311-gpu"),
+     "rayVersion"),                                                        # an image of another Ray than declared
+    (lambda d: d["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0].update(
+        image="rayproject/ray:2.60.0-py312-cpu"), "Python"),              # head and workers on other Pythons
+    (lambda d: _worker(d)["template"]["spec"]["containers"][0].update(image="rayproject/ray:nightly-py311-gpu"),
+     "image"),
+])
+def test_kuberay_images_must_be_pinned_and_agree(raycluster, breakage, expected):
+    bad = copy.deepcopy(raycluster)
     breakage(bad)
     problems = V.check_kuberay(bad)
     assert any(expected in p for p in problems), problems
