@@ -12,7 +12,11 @@ and every field, decodes each image once, pastes the try-on back onto the upload
 answer: the pixel work of a 12 MP photo, no model) and ``TryOnModel`` (base + LoRA + parser
 loaded once per replica; requests that arrive while a batch runs go together,
 :class:`catvton.infer.batching.Batcher`). Between the two travel arrays at the resolution the
-model needs, never the upload's 12 MP nor re-encoded images. Overload: the ingress holds
+model needs, never the upload's 12 MP nor re-encoded images. GPUs: a model that runs on CUDA
+(``device: cuda``, or ``auto`` with a GPU preset) gets ``num_gpus: 1`` on its deployment here
+(:func:`application`), and a replica that Ray gave no GPU refuses to put it on CUDA
+(:func:`catvton.infer.serving.serve_device`): Ray 2.60 no longer hides a node's GPUs from an actor
+that reserved none. ``serve/config.l40s.yaml`` is the production file. Overload: the ingress holds
 at most ``max_queued_requests`` of the model's requests waiting; beyond that Serve raises
 ``BackPressureError`` at once and the client gets 503 with ``Retry-After`` instead of a queue
 that grows without bound. Everything that decides a picture is library code
@@ -42,7 +46,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from catvton.infer.batching import Batcher
 from catvton.infer.outfit import OutfitRequest, Piece
 from catvton.infer.request import FORMATS, InputError
-from catvton.infer.serving import ServeConfig, TryOnService, serve_config_from_dict
+from catvton.config import ConfigError
+from catvton.infer.serving import (GPU_FIX, ServeConfig, TryOnService, model_config, pick_lora,
+                                   serve_config_from_dict, wants_gpu)
 from catvton.offline import resolve
 from serve.gallery import PREFIX as EXAMPLES_PREFIX, mount as mount_examples
 from serve.uploads import PieceUpload, answer, decode_request
@@ -405,12 +411,34 @@ class TryOnIngress:
 def application(args: dict[str, Any], model_options: dict[str, Any] | None = None,
                 ingress_options: dict[str, Any] | None = None) -> serve.Application:
     """Ingress + model bound with ``args`` (:class:`catvton.infer.serving.ServeConfig` fields, checked
-    here so that a typo fails the deploy, not the first request); options as ``Deployment.options``."""
+    here so that a typo fails the deploy, not the first request); options as ``Deployment.options``.
+
+    A model that runs on CUDA (:func:`catvton.infer.serving.wants_gpu`) reserves a GPU: without
+    ``ray_actor_options`` the deployment gets ``num_gpus: 1``; given ones that reserve less are
+    refused. A config file's ``deployments:`` section replaces these options after the build (Serve
+    applies it on top): a file must say ``num_gpus: 1`` itself, which the replica enforces
+    (:func:`catvton.infer.serving.serve_device`) and tests/test_serve_config.py checks."""
     settings = serve_config_from_dict(args)
     plain = json.loads(json.dumps(args or {}))
+    model_options = dict(model_options or {})
+    if wants_gpu(settings, model_config(settings, pick_lora(settings))):
+        model_options["ray_actor_options"] = gpu_actor_options(model_options.get("ray_actor_options"), settings)
     model = TryOnModel.options(**{"backpressure_config": BackpressureConfig(retry_after_s=settings.retry_after_s),
-                                  **(model_options or {})})
+                                  **model_options})
     return TryOnIngress.options(**(ingress_options or {})).bind(model.bind(plain), plain)
+
+
+def gpu_actor_options(given: dict[str, Any] | None, settings: ServeConfig) -> dict[str, Any]:
+    """The model deployment's actor options for a model on CUDA: ``given`` when it reserves a whole
+    GPU, the deployment's defaults plus ``num_gpus: 1`` when none are given; less is refused (a
+    fraction would put two full-size models on one card)."""
+    if given is None:
+        return {**(TryOnModel.ray_actor_options or {}), "num_gpus": 1}
+    if given.get("num_gpus", 0) < 1:
+        why = "device=cuda" if settings.device == "cuda" else "device=auto with a GPU preset (train.use_gpu)"
+        raise ConfigError([f"TryOnModel's ray_actor_options {given} reserve no whole GPU but the model runs on CUDA "
+                           f"({why}): add num_gpus: 1 ({GPU_FIX})"])
+    return dict(given)
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:

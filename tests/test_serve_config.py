@@ -45,9 +45,11 @@ def deployed(app_schema) -> dict:
 
 @pytest.fixture()
 def repo_root(tmp_path, monkeypatch):
-    """A repository root in which only the default training run's LoRA exists."""
+    """A repository root in which only the default training run's LoRA exists (and the presets:
+    the build reads the model config to know whether the model runs on a GPU)."""
     import catvton.infer.serving as serving
 
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
     (tmp_path / "outputs" / "tiny-lora" / "lora").mkdir(parents=True)
     (tmp_path / "outputs" / "tiny-lora" / "lora" / "pytorch_lora_weights.safetensors").write_bytes(b"")
     monkeypatch.setattr(serving, "REPO_ROOT", tmp_path)
@@ -126,3 +128,106 @@ def test_without_a_trained_lora_the_build_fails_naming_the_commands(ray_session,
     msg = str(e.value)
     assert "outputs/tiny-sweep/release" in msg and "outputs/tiny-lora/lora" in msg
     assert "python ray_jobs/train.py" in msg and "lora: []" in msg
+
+
+# --------------------------------------------------------------------------------------------
+# Every serve config file, and the production one (serve/config.l40s.yaml, issue 24)
+
+SERVE_FILES = sorted((ROOT / "serve").glob("*.yaml"))
+L40S = ROOT / "serve" / "config.l40s.yaml"
+SHARED = "/mnt/shared/"
+
+
+def test_both_shipped_serve_configs_are_found():
+    assert {p.name for p in SERVE_FILES} >= {"config.yaml", "config.l40s.yaml"}
+
+
+@pytest.fixture()
+def shared_storage(tmp_path, monkeypatch):
+    """``/mnt/shared`` (the cluster's shared storage, docs/cluster.md) as a temporary folder, holding
+    the production LoRA folders that serve/config.l40s.yaml names, so its paths are read as written."""
+    import catvton.infer.serving as serving
+
+    real = serving._path
+    root = tmp_path / "shared"
+    monkeypatch.setattr(serving, "_path", lambda p: root / p[len(SHARED):] if str(p).startswith(SHARED) else real(p))
+    for folder in ("outputs/sweep/release", "outputs/catvton-lora/lora"):
+        (root / folder).mkdir(parents=True)
+        (root / folder / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    return root
+
+
+@pytest.mark.parametrize("path", SERVE_FILES, ids=lambda p: p.name)
+def test_every_serve_config_reserves_a_gpu_exactly_when_its_model_runs_on_cuda(ray_session, path, repo_root,
+                                                                               shared_storage):
+    """What the controller builds from each file (the ``deployments:`` section's ``ray_actor_options``
+    replace the code's): a model on CUDA (catvton.infer.serving.wants_gpu) reserves a whole GPU; a CPU
+    model reserves none (or it would never be scheduled on a machine without one); the ingress never."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from catvton.infer.serving import model_config, pick_lora, serve_config_from_dict, wants_gpu
+
+    text = path.read_text()
+    assert text.startswith("#") and ("serve run" in text.split("\n\n")[0] or "serve deploy" in text.split("\n\n")[0])
+    (app,) = ServeDeploySchema.model_validate(yaml.safe_load(text)).applications
+    settings = serve_config_from_dict(app.args)
+    gpu = wants_gpu(settings, model_config(settings, pick_lora(settings)))
+    infos = deployed(app)
+    model = infos["TryOnModel"].replica_config.ray_actor_options
+    assert (model.get("num_gpus", 0) >= 1) if gpu else (model.get("num_gpus", 0) == 0), (path.name, gpu, model)
+    assert infos["TryOnIngress"].replica_config.ray_actor_options.get("num_gpus", 0) == 0
+    assert infos["TryOnModel"].deployment_config.max_ongoing_requests >= settings.max_batch_size, \
+        "a replica takes at least a full batch, or batches never fill"
+
+
+def test_the_l40s_file_serves_the_production_model_on_one_gpu_a_replica(ray_session, shared_storage):
+    """serve/config.l40s.yaml built as ``serve deploy`` builds it: the production preset and LoRA
+    folders on shared storage, the parser, CUDA, a GPU per replica, and the batch size from the
+    measured serving peak (named in the file, next to the value)."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from catvton.infer.serving import model_config, pick_lora, serve_config_from_dict, wants_gpu
+
+    text = L40S.read_text()
+    header = text.split("\n\n")[0]
+    assert "serve deploy serve/config.l40s.yaml" in header and "serve run serve/config.l40s.yaml" in header
+    (app,) = ServeDeploySchema.model_validate(yaml.safe_load(text)).applications
+    assert app.import_path == "serve.app:build_app"
+    settings = serve_config_from_dict(app.args)
+    assert settings.config == "configs/l40s.yaml" and settings.device == "cuda"
+    assert settings.parser == "mattmdjaga/segformer_b2_clothes"
+    assert settings.lora == [SHARED + "outputs/sweep/release", SHARED + "outputs/catvton-lora/lora"]
+    assert pick_lora(settings) == shared_storage / "outputs" / "sweep" / "release"
+    cfg = model_config(settings, pick_lora(settings))  # no training_config.json here: the preset
+    assert cfg.model.base == "black-forest-labs/FLUX.1-Fill-dev" and wants_gpu(settings, cfg)
+    assert settings.vae_slicing in ("auto", "on"), "a batch is decoded one image at a time on the GPU"
+    line = next(ln for ln in text.splitlines() if ln.strip().startswith("max_batch_size:"))
+    assert "docs/PERFORMANCE.md" in line, "the batch size says where its memory figure comes from"
+
+    infos = deployed(app)
+    model, ingress = infos["TryOnModel"], infos["TryOnIngress"]
+    assert model.replica_config.ray_actor_options["num_gpus"] == 1
+    assert model.replica_config.ray_actor_options["num_cpus"] >= 1
+    assert ingress.replica_config.ray_actor_options.get("num_gpus", 0) == 0
+    assert ingress.replica_config.ray_actor_options["num_cpus"] == 0
+    auto = model.deployment_config.autoscaling_config
+    assert auto.min_replicas >= 1 and auto.max_replicas >= auto.min_replicas
+    assert model.deployment_config.max_ongoing_requests >= max(settings.max_batch_size, auto.target_ongoing_requests)
+    (model_args,) = model.replica_config.init_args
+    assert model_args == app.args
+
+
+def test_the_l40s_file_ships_the_code_and_the_libraries_of_runtime_env_yaml():
+    """Serve's config files take remote working dirs only: the file names an archive of the code (as
+    the RayJob does) and installs runtime_env.yaml's packages, kept in step here."""
+    runtime = yaml.safe_load((ROOT / "runtime_env.yaml").read_text())
+    (app,) = yaml.safe_load(L40S.read_text())["applications"]
+    env = app["runtime_env"]
+    assert env["pip"] == runtime["pip"], "keep serve/config.l40s.yaml's pip list runtime_env.yaml's"
+    assert env["working_dir"].startswith(("https://", "s3://")) and env["working_dir"].endswith(".zip")
+    assert env["env_vars"]["RAY_USAGE_STATS_ENABLED"] == "0"
+
+
+def test_the_cpu_default_points_to_the_gpu_file():
+    header = CONFIG.read_text().split("\n\n")[0]
+    assert "serve/config.l40s.yaml" in header

@@ -16,12 +16,22 @@ the upload at its own size (:func:`catvton.infer.request.paste_generated`).
 The model config (base, transformer override, prompt, canvas, mask rules, inference defaults) is the
 LoRA folder's ``training_config.json`` when it has one, so a LoRA is served exactly as it was
 trained; otherwise ``config``. Paths come from these settings only, never from a request.
+
+Where the model runs (:func:`serve_device`), one rule for the Serve app and its replicas: Ray 2.60
+no longer hides a node's GPUs from an actor that reserved none (ray#54868), so "CUDA is visible"
+does not mean "this replica may use it". A model runs on CUDA when ``device`` is ``cuda``, or
+``auto`` and either a GPU is Ray's reservation for this replica or (outside Ray) CUDA is visible.
+Settings whose model needs a GPU wherever it is placed (:func:`wants_gpu`: ``device: cuda``, or
+``auto`` with a GPU preset, ``train.use_gpu`` in the model config, such as ``configs/l40s.yaml``)
+make the Serve app reserve ``num_gpus: 1`` for the model deployment; and a replica that would put
+its model on CUDA without a GPU of its own refuses to load, naming the fix.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +75,14 @@ class ServeConfig:
     """Bearer token required on every route but /healthz; the TRYON_API_KEY environment variable,
     when set, wins. Empty: no authentication (only behind a trusted gateway)."""
     device: str = "auto"
-    """``cpu``, ``cuda`` or ``auto`` (cuda when available; bf16 there, fp32 on CPU)."""
+    """``cpu``, ``cuda`` or ``auto``; bf16 on CUDA, fp32 on the CPU. ``auto``: in a Ray actor, CUDA
+    when Ray reserved a GPU for it (else the CPU, or a refusal for a GPU preset); outside Ray, CUDA
+    when visible. ``cuda`` (or ``auto`` with a GPU preset) makes the Serve app reserve ``num_gpus: 1``
+    for the model deployment (:func:`serve_device`, :func:`wants_gpu`)."""
+    vae_slicing: str = "auto"
+    """``auto``, ``on`` or ``off``: the VAE encodes and decodes a batch one image at a time (the
+    same pixels; the peak of a batch's decode is one image's). ``auto``: on where the model runs on
+    CUDA, where a batch's decode at a 1536x1024 canvas is a replica's memory peak."""
     torch_threads: int = 0
     """torch intra-op threads per replica; 0 leaves torch's default."""
     max_body_mb: float = 25.0
@@ -96,6 +113,11 @@ class ServeConfig:
 
     def resolved_api_key(self) -> str:
         return os.environ.get(API_KEY_ENV) or self.api_key
+
+    @property
+    def slicing(self) -> bool | None:
+        """``vae_slicing`` as :meth:`catvton.infer.tryon.TryOn.load` takes it (None: by device)."""
+        return {"auto": None, "on": True, "off": False}[self.vae_slicing]
 
 
 def _path(p: str) -> Path:
@@ -139,6 +161,8 @@ def validate_serve(s: ServeConfig) -> list[str]:
         p.append("batch_wait_timeout_s and retry_after_s must not be negative")
     if s.device not in ("auto", "cpu", "cuda"):
         p.append(f"device={s.device!r}: choose auto, cpu or cuda")
+    if s.vae_slicing not in ("auto", "on", "off"):
+        p.append(f"vae_slicing={s.vae_slicing!r}: choose auto, on or off")
     if s.lora and not any(_path(f).is_dir() for f in s.lora):
         p.append(f"lora: none of {s.lora} exists; train one (python ray_jobs/train.py) or run the sweep "
                  "(python ray_jobs/tune.py), or set lora: [] to serve the base alone")
@@ -172,6 +196,57 @@ def model_config(s: ServeConfig, lora: Path | None) -> Config:
         cfg = config_from_dict(json.loads((lora / TRAINING_CONFIG).read_text()))
         return apply_overrides(cfg, list(s.overrides)) if s.overrides else cfg
     return load_config(_path(s.config), s.overrides)
+
+
+GPU_FIX = ("reserve one for the model deployment: ray_actor_options: {num_gpus: 1} under TryOnModel in the "
+           "serve config's deployments (serve/config.l40s.yaml), or set device: cpu")
+"""How to give a CUDA replica its GPU: every refusal about it ends with this."""
+
+
+def wants_gpu(s: ServeConfig, cfg: Config) -> bool:
+    """Whether the model of these settings runs on CUDA wherever its replica is placed: ``device:
+    cuda``, or ``auto`` with a GPU preset (``cfg.train.use_gpu``: a model trained on GPUs, such as
+    ``configs/l40s.yaml``'s FLUX.1-Fill-dev, is never served from a CPU). The Serve app reserves
+    ``num_gpus: 1`` for such a model deployment."""
+    return s.device == "cuda" or (s.device == "auto" and cfg.train.use_gpu)
+
+
+def ray_gpu_ids() -> list | None:
+    """The GPUs Ray assigned to this process when it is a Ray worker (a Serve replica, an actor, a
+    task); None outside Ray and in a Ray driver, which reserve nothing. Ray is not imported for this:
+    a Ray worker has imported it already."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized() or ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
+        return None
+    return list(ray.get_gpu_ids())
+
+
+def serve_device(s: ServeConfig, cfg: Config, cuda_available: bool, gpu_ids: list | None) -> str:
+    """``cpu`` or ``cuda`` for the model of ``s`` (model config ``cfg``), given whether torch sees CUDA
+    and the GPUs Ray assigned to this process (:func:`ray_gpu_ids`; None outside Ray). CUDA asked
+    (``device: cuda``, or ``auto`` with a GPU preset) in a Ray worker without a GPU of its own is
+    refused: the visible GPU would be shared unreserved (Ray 2.60 hides none, ray#54868)."""
+    if s.device == "cpu":
+        return "cpu"
+    if gpu_ids is not None:  # a Ray worker: its reservation decides, not what it can see
+        if gpu_ids:
+            return "cuda"
+        if wants_gpu(s, cfg):
+            why = "device=cuda" if s.device == "cuda" else f"device=auto with a GPU preset ({cfg.model.base})"
+            raise ConfigError([f"{why}, but Ray reserved no GPU for this replica: it would share a GPU it sees "
+                               f"(Ray 2.60 hides none) without a reservation; {GPU_FIX}"])
+        return "cpu"
+    if s.device == "cuda" and not cuda_available:
+        raise ConfigError(["device=cuda but torch finds no CUDA device here (a CPU-only torch, or no GPU "
+                           "visible): run on a GPU machine, or set device: cpu"])
+    return "cuda" if cuda_available else "cpu"
+
+
+def refuse_unreserved_cuda(device: str) -> None:
+    """A model about to go to CUDA inside a Ray worker that Ray gave no GPU: refused with the fix."""
+    if str(device).startswith("cuda") and ray_gpu_ids() == []:
+        raise ConfigError([f"the model would load on {device}, but Ray reserved no GPU for this actor "
+                           f"(Ray 2.60 hides none): reserve num_gpus=1 for it; for a Serve replica {GPU_FIX}"])
 
 
 @dataclass
@@ -227,10 +302,9 @@ class TryOnService:
         for ref in (cfg.model.base, cfg.model.transformer_override, settings.parser):
             if ref and Path(ref).expanduser().is_dir():
                 refuse_pickles(Path(ref).expanduser(), "model")
-        device = "cuda" if settings.device == "auto" and torch.cuda.is_available() else settings.device
-        device = "cpu" if device == "auto" else device
+        device = serve_device(settings, cfg, torch.cuda.is_available(), ray_gpu_ids())
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        tryon = TryOn.load(cfg, lora=lora, device=device, dtype=dtype)
+        tryon = TryOn.load(cfg, lora=lora, device=device, dtype=dtype, vae_slicing=settings.slicing)
         masker = None
         if settings.parser:
             parser = str(_path(settings.parser)) if _path(settings.parser).exists() else settings.parser
@@ -253,6 +327,7 @@ class TryOnService:
             "max_steps": self.settings.max_steps, "auto_mask": self.masker is not None,
             "parser": self.settings.parser or None, "garment_types": list(GROUPS),
             "regions": list(GROUPS), "outfit_order": list(ORDER), "worn_garments": True,
+            "device": self.tryon.prompt_embeds.device.type, "memory": dict(self.tryon.memory),
         }
 
     def prepare(self, person: np.ndarray, garment: np.ndarray, mask: np.ndarray | None, group: str,
@@ -365,6 +440,7 @@ class TryOnService:
         the CPU, bf16 on a GPU. ``settings``: request limits (default :class:`ServeConfig`'s)."""
         import torch
 
+        refuse_unreserved_cuda(device)
         dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
         tryon = TryOn.load(cfg, lora=lora, device=device, dtype=dtype)
         return cls(settings or ServeConfig(), cfg, tryon, Path(lora) if lora is not None else None, masker)

@@ -7,7 +7,12 @@ of the output is the input's.
 
 :meth:`TryOn.load` is where every inference path (server replicas, evaluation, Ray Data batch
 inference) gets its pipeline, so the speed levers of ``cfg.infer`` (step caching, a fused LoRA,
-torch.compile) are applied there, once (:mod:`catvton.infer.levers`).
+torch.compile) are applied there, once (:mod:`catvton.infer.levers`). It is also where a loaded
+pipeline gives back the memory it no longer needs (issue 24: the full-size model did not fit a 48 GB
+L40S with a batch of 4): the one prompt is encoded once, then T5-XXL (~9.5 GB in bf16) and CLIP are
+dropped (no request carries a prompt, and nothing after loading encodes one), and on CUDA the VAE
+encodes and decodes a batch one image at a time (slicing: the same pixels, a batch's peak no
+higher than one image's). ``from_parts`` (the training grids) keeps its encoders: its caller owns them.
 
 Arrays: canvases ``(N, H, 2W, 3)`` float32 in [0, 1], masks ``(N, H, 2W)`` in {0, 1} (zero
 over the garment half).
@@ -16,6 +21,7 @@ over the garment half).
 from __future__ import annotations
 
 import contextlib
+import gc
 from pathlib import Path
 from typing import Sequence
 
@@ -26,7 +32,8 @@ from PIL import Image, ImageDraw
 from catvton.config import Config
 from catvton.data.canvas import to_uint8
 from catvton.infer.levers import StepCache, apply_levers, calibrate_mag_ratios, garment_guidance, probe_canvas
-from catvton.model.loading import load_pipeline, resolve_base
+from catvton.model.host import host_array
+from catvton.model.loading import load_pipeline, pipeline_around
 
 
 class TryOn:
@@ -40,21 +47,32 @@ class TryOn:
         self.cfg = cfg
         self.cache: StepCache | None = None
         self.levers: dict = {"cache": "none", "fused_lora": False, "compiled": False}
+        self.memory: dict = {"text_encoders": "kept" if getattr(pipe, "text_encoder_2", None) is not None else "none",
+                             "vae_slicing": bool(getattr(getattr(pipe, "vae", None), "use_slicing", False))}
+        """What the pipeline holds beside the transformer and the VAE (/v1/info shows it)."""
         self._levers_applied = False
 
     @classmethod
     def load(cls, cfg: Config, lora: str | Path | None = None, device: str = "cpu",
-             dtype: torch.dtype = torch.float32) -> "TryOn":
+             dtype: torch.dtype = torch.float32, vae_slicing: bool | None = None) -> "TryOn":
         """Base (+ transformer override) from the config, plus a LoRA folder if given, with the
-        levers of ``cfg.infer`` applied (:func:`~catvton.infer.levers.apply_levers`)."""
+        levers of ``cfg.infer`` applied (:func:`~catvton.infer.levers.apply_levers`). The prompt is
+        encoded here and the text encoders are freed (:func:`free_text_encoders`). ``vae_slicing``:
+        the VAE takes a batch one image at a time; None: where the pipeline runs on CUDA
+        (:func:`wants_vae_slicing`)."""
         pipe = load_pipeline(cfg.model.base, cfg.model.transformer_override, torch_dtype=dtype, device=device)
         if lora is not None:
-            pipe.load_lora_weights(str(lora))
+            pipe.load_lora_weights(str(lora))  # before encoding: a LoRA may carry text-encoder layers
         pipe.set_progress_bar_config(disable=True)
         with torch.no_grad():
             prompt, pooled, _ = pipe.encode_prompt(cfg.model.prompt, prompt_2=None, device=device,
                                                    max_sequence_length=cfg.model.max_sequence_length)
-        return cls(pipe, prompt, pooled, cfg).with_levers(device, lora_loaded=lora is not None)
+        free_text_encoders(pipe)
+        if wants_vae_slicing(vae_slicing, device):
+            pipe.vae.enable_slicing()
+        tryon = cls(pipe, prompt, pooled, cfg)
+        tryon.memory = {"text_encoders": "freed after encoding the prompt", "vae_slicing": bool(pipe.vae.use_slicing)}
+        return tryon.with_levers(device, lora_loaded=lora is not None)
 
     def with_levers(self, device: str | torch.device, lora_loaded: bool) -> "TryOn":
         """This try-on with the levers of ``cfg.infer`` applied to its pipeline (once: fusing twice
@@ -82,19 +100,11 @@ class TryOn:
     def from_parts(cls, cfg: Config, transformer: torch.nn.Module,
                    text_embeds: dict[str, torch.Tensor] | None = None) -> "TryOn":
         """Around a transformer being trained (its current weights), without reloading it."""
-        from diffusers import FluxFillPipeline
-
         device = next(transformer.parameters()).device
         # the frozen base's dtype (LoRA parameters are float32 even on a bf16 base)
         frozen = [p.dtype for p in transformer.parameters() if not p.requires_grad]
         dtype = frozen[0] if frozen else next(transformer.parameters()).dtype
-        path = resolve_base(cfg.model.base)
-        if text_embeds is None:
-            pipe = FluxFillPipeline.from_pretrained(path, transformer=transformer, dtype=dtype)
-        else:
-            pipe = FluxFillPipeline.from_pretrained(path, transformer=transformer, text_encoder=None,
-                                                    text_encoder_2=None, tokenizer=None, tokenizer_2=None,
-                                                    dtype=dtype)
+        pipe = pipeline_around(cfg.model.base, transformer, dtype, text_encoders=text_embeds is None)
         pipe.vae.to(device).eval()
         pipe.set_progress_bar_config(disable=True)
         if text_embeds is None:
@@ -136,9 +146,27 @@ class TryOn:
                 guidance_scale=self.cfg.infer.guidance if guidance is None else guidance,
                 generator=generator,
                 max_sequence_length=self.cfg.model.max_sequence_length,
-                output_type="np",
-            ).images  # (N, H, 2W, 3) float in [0, 1]
-        return paste_back(canvases, masks, np.asarray(out, dtype=np.float32))
+                output_type="pt",
+            ).images  # (N, 3, H, 2W) in [0, 1], on the device: read once through the host seam
+        return paste_back(canvases, masks, host_array(out).transpose(0, 2, 3, 1))
+
+
+def free_text_encoders(pipe) -> None:
+    """Drop CLIP and T5 (and their tokenizers) from ``pipe``, once the prompt's embeddings are
+    computed: on the full-size model ~9.5 GB of the GPU. The pipeline then runs on
+    ``prompt_embeds`` only; asked to encode a prompt it fails loudly instead of re-encoding."""
+    cuda = any(p.is_cuda for m in (pipe.text_encoder, pipe.text_encoder_2) if m is not None for p in m.parameters())
+    pipe.text_encoder = pipe.text_encoder_2 = None
+    pipe.tokenizer = pipe.tokenizer_2 = None
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()  # give the encoders' blocks back to the driver, not only to torch's cache
+
+
+def wants_vae_slicing(setting: bool | None, device: str | torch.device) -> bool:
+    """VAE slicing as asked, or (``setting`` None) where the pipeline runs on CUDA: there a batch's
+    decode at a 1536x1024 canvas is the replica's memory peak; on a CPU the batched decode is kept."""
+    return torch.device(device).type == "cuda" if setting is None else bool(setting)
 
 
 def paste_back(canvases: np.ndarray, masks: np.ndarray, generated: np.ndarray) -> np.ndarray:
