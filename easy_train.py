@@ -119,6 +119,25 @@ def _plan_or_refuse(cfg, gpu: str) -> None:
     raise typer.Exit(2)
 
 
+def _measured_peak(cfg, gpu: str) -> dict:
+    """This config's step measured, not predicted: the same step under fake tensors
+    (:func:`catvton.train.dryrun.measure_config`, seconds for the tiny model, ~1-2 CPU minutes at full
+    size), printed beside the plan; a GPU run adds the allocator slack and CUDA context."""
+    from catvton.offline import resolve
+    from catvton.train.dryrun import measure_config
+
+    m = measure_config(resolve(cfg, log=lambda _: None))
+    c = m.categories
+    parts = ", ".join(f"{k} {c[k] / 1e9:.2f}" for k in ("parameters", "gradients", "optimizer", "activations",
+                                                          "temporaries"))
+    line = f"measured (fake tensors, python -m catvton.train.dryrun): step peak {m.tensor_peak / 1e9:.2f} GB of tensors ({parts})"
+    if cfg.train.use_gpu:
+        line += f"; {m.total / 1e9:.1f} GB on one {gpu} with allocator slack and CUDA context"
+    typer.echo(line)
+    return {"tensor_peak_bytes": m.tensor_peak, "gpu_total_bytes": m.total if cfg.train.use_gpu else None,
+            "categories": c, "tflop_per_step": m.flops / 1e12}
+
+
 def _train(cfg):
     """The Ray job on ``cfg`` (offline names resolved); a rerun that cannot continue its saved run
     on this schedule exits with code 2 and the message saying what to do."""
@@ -179,12 +198,14 @@ def test(
                                             f"train.checkpoint_every={steps}"])
     cfg.run.name = cfg.run.name + "-test"
     _plan_or_refuse(cfg, gpu)
+    measured = _measured_peak(cfg, gpu)
     init_ray(dashboard=not no_dashboard)
     outcome = _train(cfg)
     history = outcome.history
     found = _findings(outcome, history, cfg.data.groups)
     memory = {k: max((h.get(k, 0.0) for h in history), default=0.0) for k in ("peak_rss_mb", "peak_cuda_mb")}
     report = {"steps": outcome.metrics.get("step"), "final": outcome.metrics, "memory_mb": memory,
+              "measured_step_peak": measured,
               "findings": found, "loss_curve": str(outcome.run_dir / "loss_curve.png")}
     (outcome.run_dir / "test_report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     typer.echo("\n".join(summary_lines(outcome)))

@@ -90,6 +90,10 @@ def test_easy_train_test_prints_the_plan_of_the_tiny_model_it_trains(ray_session
     assert "CPU fp32, 1 worker(s)" in out and f"(config: {alpha / 'config.json'})" in out
     assert f" {n:,} total, " in out and "11,902,391,360" not in out and "FLUX.1-Fill-dev" not in out
     assert "160 (96 image + 64 text)" in out and "RAM (this machine): fits" in out
+    # then the same step measured under fake tensors (catvton.train.dryrun), still before training
+    measured = out.index("measured (fake tensors, python -m catvton.train.dryrun): step peak ")
+    assert out.index("predicted for") < measured
+    assert " GB on one " not in out[measured:]  # a CPU run: no CUDA context or allocator slack added
 
 
 def test_easy_train_test_is_a_proof_run_with_a_report(ray_session, tmp_path):

@@ -287,10 +287,13 @@ class TryOnService:
         self.masker = masker
 
     @classmethod
-    def load(cls, settings: ServeConfig, prepare: Callable[[Config], Config] | None = None) -> "TryOnService":
+    def load(cls, settings: ServeConfig, prepare: Callable[[Config], Config] | None = None,
+             device: str | None = None) -> "TryOnService":
         """Load the models of ``settings``. ``prepare`` turns the model config into one that names
         concrete folders or hub ids (the Serve app passes :func:`catvton.offline.resolve`, so the
-        offline names ``tiny`` / ``tiny-alpha`` work; this library never builds them itself)."""
+        offline names ``tiny`` / ``tiny-alpha`` work; this library never builds them itself).
+        ``device``: where to load instead of the settings' choice; ``meta`` is the dry run's
+        stand-in for the replica's GPU (bf16, the VAE sliced as on CUDA; :mod:`catvton.train.dryrun`)."""
         import torch
 
         if settings.torch_threads:
@@ -302,9 +305,12 @@ class TryOnService:
         for ref in (cfg.model.base, cfg.model.transformer_override, settings.parser):
             if ref and Path(ref).expanduser().is_dir():
                 refuse_pickles(Path(ref).expanduser(), "model")
-        device = serve_device(settings, cfg, torch.cuda.is_available(), ray_gpu_ids())
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        tryon = TryOn.load(cfg, lora=lora, device=device, dtype=dtype, vae_slicing=settings.slicing)
+        if device is None:
+            device = serve_device(settings, cfg, torch.cuda.is_available(), ray_gpu_ids())
+        gpu = device in ("cuda", "meta")
+        dtype = torch.bfloat16 if gpu else torch.float32
+        slicing = settings.slicing if settings.slicing is not None else (True if device == "meta" else None)
+        tryon = TryOn.load(cfg, lora=lora, device=device, dtype=dtype, vae_slicing=slicing)
         masker = None
         if settings.parser:
             parser = str(_path(settings.parser)) if _path(settings.parser).exists() else settings.parser

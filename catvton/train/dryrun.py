@@ -258,10 +258,10 @@ def check_placement(cfg: Config, base: Path, out: Path, serve_config: Path | Non
 
 
 def _tracker():
-    """``MemTracker`` for a frozen base at full depth. Two changes: only trainable parameters get
-    gradient hooks (it hooks every parameter, which one that needs no gradient refuses), and only
-    the global peak is kept (its per-module peaks walk every module at every op: quadratic in depth,
-    hours at 57 blocks)."""
+    """``MemTracker`` for a frozen base at full depth. Three changes: only trainable parameters get
+    gradient hooks (it hooks every parameter, which one that needs no gradient refuses); only the
+    global peak is kept (its per-module peaks walk every module at every op: quadratic in depth,
+    hours at 57 blocks); a model called again (accumulation, denoising steps) is allowed."""
     from copy import deepcopy
 
     from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
@@ -277,6 +277,14 @@ def _tracker():
                         self._param_to_grad_hook_handles[p] = (
                             p.register_hook(grad), p.register_post_accumulate_grad_hook(lambda q: grad(q.grad)))
             return out
+
+        def _pre_fw_hook(self, module, inputs) -> None:
+            # a root module called again in a forward (the next micro-batch of an accumulation, the
+            # next denoising step) starts new per-module stats; MemTracker refuses it otherwise
+            if module in self.memory_tracking and not self._mod_tracker.is_bw:
+                if set(self._mod_tracker.parents) - {self._mod_tracker.get_known_fqn(module)} == {"Global"}:
+                    self.reset_mod_stats()
+            super()._pre_fw_hook(module, inputs)
 
         def _update_peak_stats(self, peak_state) -> None:
             for dev, snap in self._curr_mem_snap.items():
@@ -371,8 +379,7 @@ def _fake_modules(*modules: torch.nn.Module) -> None:
             m.to_empty(device="cpu")
 
 
-def measure_step(cfg: Config, base: Path, batch: int, rank: int, checkpointing: bool, accum: int,
-                 name: str = "") -> Measured:
+def measure_step(cfg: Config, batch: int, rank: int, checkpointing: bool, accum: int, name: str = "") -> Measured:
     """Peak memory and FLOPs of one steady-state optimizer step of ``cfg`` at ``batch``, ``rank``
     (alpha = 2 x rank as the presets), ``checkpointing`` and ``accum`` micro-batches."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -383,10 +390,10 @@ def measure_step(cfg: Config, base: Path, batch: int, rank: int, checkpointing: 
     c.train.batch_size, c.train.grad_accum, c.train.gradient_checkpointing = batch, accum, checkpointing
     c.lora.rank, c.lora.alpha = rank, float(cfg.lora.alpha / cfg.lora.rank * rank)
     dtype = torch.bfloat16 if c.train.precision == "bf16" else torch.float32
-    text_dim, pooled_dim = _dims(base)
     t0 = time.perf_counter()
     with weightless():
         model = engine.build_transformer(c, torch.device("meta"), dtype)
+    text_dim, pooled_dim = model.config.joint_attention_dim, model.config.pooled_projection_dim
     with FakeTensorMode(allow_non_fake_inputs=True):
         _fake_modules(model)
         cpu = torch.device("cpu")
@@ -412,6 +419,22 @@ def measure_step(cfg: Config, base: Path, batch: int, rank: int, checkpointing: 
                     checkpointing)
 
 
+def measure_config(cfg: Config) -> Measured:
+    """The measured peak of ``cfg``'s own steady-state step (its batch, rank and checkpointing; two
+    micro-batches when it accumulates): a hub base as FLUX.1-Fill-dev (the weightless folder, full
+    depth), a local folder (the tiny model, once resolved) from its own configs. What
+    ``easy_train.py test`` prints beside the planner's prediction."""
+    from catvton.model.loading import _local_path
+
+    t = cfg.train
+    with tempfile.TemporaryDirectory(prefix="catvton-dryrun-") as tmp:
+        hub = _local_path(cfg.model.base) is None or (cfg.model.transformer_override is not None
+                                                       and _local_path(cfg.model.transformer_override) is None)
+        c = dry_config(cfg, write_skeleton(Path(tmp) / "flux-fill"), Path(tmp)) if hub else cfg
+        return measure_step(c, t.batch_size, cfg.lora.rank, t.gradient_checkpointing, accum=min(2, t.grad_accum),
+                            name="this config's step")
+
+
 def _measure_call(name: str, modules: list[torch.nn.Module], call: Callable[[], Any], batch: int) -> Measured:
     """Peak and FLOPs of ``call()`` (no gradients) with ``modules`` resident, in a FakeTensorMode
     the caller entered."""
@@ -424,7 +447,7 @@ def _measure_call(name: str, modules: list[torch.nn.Module], call: Callable[[], 
     return Measured(name, cats, sum(cats.values()), flops.total, time.perf_counter() - t0, batch)
 
 
-def measure_grid(cfg: Config, base: Path) -> Measured:
+def measure_grid(cfg: Config) -> Measured:
     """Rank 0's checkpoint-time sample grid (``run.samples`` pairs through the pipeline at the
     training canvas) beside the training state: the trained model, its optimizer state and
     gradients-free. The pipeline's VAE joins the worker's memory at that moment."""
@@ -434,9 +457,9 @@ def measure_grid(cfg: Config, base: Path) -> Measured:
 
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     g = torch.Generator().manual_seed(0)
-    text_dim, pooled_dim = _dims(base)
     with weightless():
         model = engine.build_transformer(cfg, torch.device("meta"), dtype)
+    text_dim, pooled_dim = model.config.joint_attention_dim, model.config.pooled_projection_dim
     with FakeTensorMode(allow_non_fake_inputs=True):
         _fake_modules(model)
         params = engine.trainable_parameters(model)
@@ -562,9 +585,9 @@ def main(argv: list[str] | None = None) -> int:
             specs += [(b, r, ck, "") for ck in (True, False) for r in (16, 64) for b in (1, 2)]
         rows: list[Measured] = []
         for batch, rank, ck, name in specs:
-            rows.append(measure_step(dcfg, base, batch, rank, ck, accum=min(2, t.grad_accum), name=name))
+            rows.append(measure_step(dcfg, batch, rank, ck, accum=min(2, t.grad_accum), name=name))
             print(f"  measured {rows[-1].name} ({rows[-1].seconds:.0f} s)", flush=True)
-        rows.append(measure_grid(dcfg, base))
+        rows.append(measure_grid(dcfg))
         if serve_path is not None:
             settings = serve_settings(serve_path, None, base)
             rows += measure_serving(settings, sorted({1, settings.max_batch_size}))
