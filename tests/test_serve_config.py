@@ -1,4 +1,6 @@
-"""``serve/config.yaml`` itself: the application ``serve run serve/config.yaml`` builds from it.
+"""``serve/config.yaml`` itself: the application ``serve run serve/config.yaml`` builds from it;
+then every ``serve/*.yaml`` (the production ``serve/config.l40s.yaml`` too) built the same way,
+each model replica on CUDA with a GPU of its own and no GPU elsewhere.
 
 No server is started. The file goes through the steps Serve's controller takes for a config
 file (Ray 2.60's own functions): ``ServeDeploySchema`` validation, the ``import_path`` builder
@@ -138,6 +140,12 @@ L40S = ROOT / "serve" / "config.l40s.yaml"
 SHARED = "/mnt/shared/"
 
 
+def header(text: str) -> str:
+    """The comment lines a config file starts with."""
+    lines = text.splitlines()
+    return "\n".join(lines[:next(i for i, ln in enumerate(lines) if not ln.startswith("#"))])
+
+
 def test_both_shipped_serve_configs_are_found():
     assert {p.name for p in SERVE_FILES} >= {"config.yaml", "config.l40s.yaml"}
 
@@ -168,7 +176,8 @@ def test_every_serve_config_reserves_a_gpu_exactly_when_its_model_runs_on_cuda(r
     from catvton.infer.serving import model_config, pick_lora, serve_config_from_dict, wants_gpu
 
     text = path.read_text()
-    assert text.startswith("#") and ("serve run" in text.split("\n\n")[0] or "serve deploy" in text.split("\n\n")[0])
+    assert f"serve run serve/{path.name}" in header(text) or f"serve deploy serve/{path.name}" in header(text), \
+        "a config file's header gives the command that runs it"
     (app,) = ServeDeploySchema.model_validate(yaml.safe_load(text)).applications
     settings = serve_config_from_dict(app.args)
     gpu = wants_gpu(settings, model_config(settings, pick_lora(settings)))
@@ -189,8 +198,8 @@ def test_the_l40s_file_serves_the_production_model_on_one_gpu_a_replica(ray_sess
     from catvton.infer.serving import model_config, pick_lora, serve_config_from_dict, wants_gpu
 
     text = L40S.read_text()
-    header = text.split("\n\n")[0]
-    assert "serve deploy serve/config.l40s.yaml" in header and "serve run serve/config.l40s.yaml" in header
+    top = header(text)
+    assert "serve deploy serve/config.l40s.yaml" in top and "serve run serve/config.l40s.yaml" in top
     (app,) = ServeDeploySchema.model_validate(yaml.safe_load(text)).applications
     assert app.import_path == "serve.app:build_app"
     settings = serve_config_from_dict(app.args)
@@ -229,5 +238,4 @@ def test_the_l40s_file_ships_the_code_and_the_libraries_of_runtime_env_yaml():
 
 
 def test_the_cpu_default_points_to_the_gpu_file():
-    header = CONFIG.read_text().split("\n\n")[0]
-    assert "serve/config.l40s.yaml" in header
+    assert "serve/config.l40s.yaml" in header(CONFIG.read_text())
