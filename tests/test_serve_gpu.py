@@ -128,16 +128,19 @@ def test_a_replica_without_a_gpu_refuses_cuda_in_a_real_ray_actor(ray_session):
             return "loaded"
 
         def gpu_ids(self):
+            import os
+
             from catvton.infer.serving import ray_gpu_ids
 
-            return ray_gpu_ids()
+            return ray_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES")
 
-    replica = Replica.remote()
+    # the serve files' switch: an actor without a GPU sees none (Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone)
+    replica = Replica.options(runtime_env={"env_vars": {"RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1"}}).remote()
     try:
         answer = ray.get(replica.load.remote({"device": "cuda", "lora": [],
                                                          "overrides": ["model.transformer_override=null"]}), timeout=120)
         assert answer.startswith("ConfigError") and "reserved no GPU" in answer and "num_gpus: 1" in answer, answer
-        assert ray.get(replica.gpu_ids.remote(), timeout=60) == [], "an actor without num_gpus has no GPU ids"
+        assert ray.get(replica.gpu_ids.remote(), timeout=60) == ([], ""), "no GPU ids, and CUDA shows none"
         from catvton.infer.serving import ray_gpu_ids
 
         assert ray_gpu_ids() is None, "the driver is not a Ray worker: no reservation to check"

@@ -94,14 +94,15 @@ def test_vae_slicing_decodes_one_image_at_a_time_and_changes_no_pixel(case):
     from catvton.infer.tryon import TryOn
 
     cfg, lora, canvas, mask = case
-    whole = TryOn.load(cfg, lora=lora, vae_slicing=False)
-    sliced = TryOn.load(cfg, lora=lora, vae_slicing=True)
-    assert sliced.pipe.vae.use_slicing and not whole.pipe.vae.use_slicing
-    assert not sliced.pipe.vae.use_tiling, "tiling changes pixels at the tile seams: never on"
-    calls_whole, calls_sliced = BatchSizes(whole.pipe.vae.decoder), BatchSizes(sliced.pipe.vae.decoder)
-    a = whole.fill_canvases(canvas, mask, seed=[0, 1, 2])
-    b = sliced.fill_canvases(canvas, mask, seed=[0, 1, 2])
-    assert calls_whole.sizes == [3] and calls_sliced.sizes == [1, 1, 1], (calls_whole.sizes, calls_sliced.sizes)
+    tryon = TryOn.load(cfg, lora=lora, vae_slicing=True)
+    vae = tryon.pipe.vae
+    assert vae.use_slicing and not vae.use_tiling, "sliced as asked; tiling (pixels change at the seams) never on"
+    calls = BatchSizes(vae.decoder)
+    b = tryon.fill_canvases(canvas, mask, seed=[0, 1, 2])
+    sliced, calls.sizes = calls.sizes, []
+    vae.disable_slicing()  # the same pipeline, the whole batch at once
+    a = tryon.fill_canvases(canvas, mask, seed=[0, 1, 2])
+    assert sliced == [1, 1, 1] and calls.sizes == [3], (sliced, calls.sizes)
     assert np.abs(a - b).max() <= 1e-5, f"max difference {np.abs(a - b).max()}"
     m = mask.astype(bool)
     assert np.array_equal(a[~m], b[~m]), "outside the mask both are the input, exactly"
