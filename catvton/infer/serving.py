@@ -307,7 +307,9 @@ class TryOnService:
                 refuse_pickles(Path(ref).expanduser(), "model")
         if device is None:
             device = serve_device(settings, cfg, torch.cuda.is_available(), ray_gpu_ids())
-        gpu = device in ("cuda", "meta")
+        else:
+            refuse_unreserved_cuda(device)  # a device given by the caller: still no unreserved GPU
+        gpu = str(device).startswith("cuda") or device == "meta"
         dtype = torch.bfloat16 if gpu else torch.float32
         slicing = settings.slicing if settings.slicing is not None else (True if device == "meta" else None)
         tryon = TryOn.load(cfg, lora=lora, device=device, dtype=dtype, vae_slicing=slicing)
