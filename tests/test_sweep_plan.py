@@ -102,7 +102,8 @@ def test_a_cpu_sweep_keeps_counting_the_cpus_it_has():
     cfg = load_config(ROOT / "configs" / "tiny.yaml")  # grid 2 lr x 2 ranks, 1 CPU worker a trial
     assert num_trials(cfg) == 4
     for cpus, expected in ((2, 1), (4, 2), (16, 10)):
-        assert sweep_concurrency(cfg, {"CPU": cpus}, {"CPU": 64}) == max_concurrent_trials(cfg, {"CPU": cpus}) == expected
+        live = {"CPU": cpus}
+        assert sweep_concurrency(cfg, live, {"CPU": 64}) == max_concurrent_trials(cfg, live) == expected
 
 
 def test_the_read_mode_of_gpu_workers_does_not_depend_on_the_cpus_in_sight():

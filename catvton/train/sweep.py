@@ -69,8 +69,7 @@ def max_concurrent_trials(cfg: Config, resources: dict[str, float]) -> int:
 
 
 def num_trials(cfg: Config) -> int:
-    """Trials the search runs: ``num_samples`` (random), every lr x rank pair ``num_samples``
-    times (grid)."""
+    """Trials the search runs: ``num_samples`` (random), each lr x rank pair ``num_samples`` times (grid)."""
     s = cfg.tune
     return s.num_samples * (len(s.lr_grid) * len(s.ranks) if s.search == "grid" else 1)
 
@@ -80,20 +79,17 @@ def sweep_concurrency(cfg: Config, live: dict[str, float], declared: dict[str, f
     declared rather than from what the cluster shows at its start:
 
     1. ``tune.max_concurrent_trials`` when set: the user knows the cluster's ceiling.
-    2. CPU workers: the trials that fit in the ``live`` cluster (:func:`max_concurrent_trials`).
-       They run on a local Ray, which does not grow: what is there is all there will be.
-    3. GPU workers: the trials that fit in the cluster's ``declared`` maximum (its node types
-       times their max counts, which Ray's autoscaler reports from its config: v2 does, the v1 of
-       ``ray up`` does not), and when there is none, every trial of the search
-       (:func:`num_trials`); never fewer than fit in the ``live`` cluster.
+    2. CPU workers: the trials that fit in the ``live`` cluster (:func:`max_concurrent_trials`):
+       a local Ray does not grow, what is there is all there will be.
+    3. GPU workers: the trials that fit in the cluster's ``declared`` maximum (node types times
+       their max counts, reported by Ray's autoscaler v2, not by the v1 of ``ray up``), else every
+       trial of the search (:func:`num_trials`); never fewer than fit in the ``live`` cluster.
 
-    Why not the live cluster on GPUs: an autoscaling cluster (``cluster/aws-l40s.yaml``,
-    ``min_workers: 0``) has no GPU when the sweep starts, and a trial Tune has not started asks
-    for nothing, so one trial at a time would never make the autoscaler add a second node. A
-    started trial that does not fit waits: its workers' placement group is pending (Ray Train
-    asks again every minute), which is the demand the autoscaler adds nodes for, up to its
-    ``max_workers``; a waiting trial holds only its function's :data:`TRIAL_DRIVER_CPU`. Asking
-    for too many trials costs that; asking for too few leaves the GPUs the cluster may have idle."""
+    Why: an autoscaling cluster (``cluster/aws-l40s.yaml``, ``min_workers: 0``) has no GPU when
+    the sweep starts, and a trial Tune has not started asks for nothing: one at a time never makes
+    the autoscaler add a second node. A started trial that does not fit waits with its workers'
+    placement group pending, the demand the autoscaler adds nodes for (up to ``max_workers``),
+    holding only :data:`TRIAL_DRIVER_CPU`: too many trials cost that, too few leave GPUs idle."""
     if cfg.tune.max_concurrent_trials or not cfg.train.use_gpu:
         return max_concurrent_trials(cfg, live)
     ceiling = max_concurrent_trials(cfg, declared) if declared else num_trials(cfg)
@@ -101,9 +97,8 @@ def sweep_concurrency(cfg: Config, live: dict[str, float], declared: dict[str, f
 
 
 def declared_resources() -> dict[str, float] | None:
-    """The most the running cluster may grow to, from its autoscaler's config (None when it
-    reports none: a local Ray, a fixed cluster, the v1 autoscaler). Ray Train and Ray Data read the
-    same figure (``ray._private.state``: no public API gives it in Ray 2.60)."""
+    """The most the running cluster may grow to, from its autoscaler's config (None: it reports
+    none). Ray Train and Ray Data read the same figure; Ray 2.60 has no public API for it."""
     try:
         from ray._private.state import state
 
@@ -304,11 +299,9 @@ def _new_tuner(cfg: Config, trainable, cache: Path, steps: int, sweep_dir: Path,
     resources = ray.cluster_resources()
     concurrent = sweep_concurrency(cfg, resources, declared_resources())
     t = cfg.train
-    if t.use_gpu:  # each trial's fit chooses from its config and the split (job.read_mode)
-        materialize = None
-    else:  # workers + trial functions that leave no CPU free would starve a streaming read
-        busy = concurrent * (t.num_workers * t.cpus_per_worker + TRIAL_DRIVER_CPU)
-        materialize = resources.get("CPU", 0) - busy < 1
+    # CPU trials leaving no CPU free would starve a streaming read; GPU trials choose in fit (read_mode)
+    busy = concurrent * (t.num_workers * t.cpus_per_worker + TRIAL_DRIVER_CPU)
+    materialize = None if t.use_gpu else resources.get("CPU", 0) - busy < 1
     log(f"[catvton] sweep {cfg.tune.name}: {cfg.tune.search} search, up to {concurrent} of {num_trials(cfg)} "
         f"trial(s) at once, ASHA on {cfg.tune.metric} from step {cfg.tune.grace_period} of {steps}")
     return tune.Tuner(
