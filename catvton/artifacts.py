@@ -9,7 +9,8 @@ A checkpoint folder (one per save, in Ray's ``storage_path``)::
 
     pytorch_lora_weights.safetensors   method=lora: diffusers LoRA format, alpha in the metadata
     transformer/                       method=full: the whole transformer (save_pretrained)
-    training_state.pt                  optimizer, scheduler, step, RNG state, loss history
+    training_state.pt                  optimizer, scheduler, step, loss history
+    rng_state_rank<r>.pt               rank r's RNG states (each rank writes its own)
     config.json                        the run's full configuration
 
 An exported weights folder (``<run>/lora``, a sweep's ``release/``) holds the weights and the
@@ -33,7 +34,11 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 FULL_WEIGHTS = "transformer"
 """Folder of a fully fine-tuned transformer (``save_pretrained``) in a checkpoint."""
 TRAINING_STATE = "training_state.pt"
-"""Optimizer, scheduler, step, RNG states and the loss history of a checkpoint."""
+"""Optimizer, scheduler, step and the loss history of a checkpoint (and, written before issue 24,
+rank 0's RNG states)."""
+RANK_RNG = "rng_state_rank{rank}.pt"
+"""One rank's RNG states in a checkpoint (its noise generator's and torch's): every rank draws its
+own noise, and writes and restores its own states."""
 CHECKPOINT_CONFIG = "config.json"
 """The run's configuration inside a checkpoint."""
 TRAINING_CONFIG = "training_config.json"
@@ -160,7 +165,7 @@ def save_training_state(folder: Path, state: dict[str, Any]) -> None:
 
 
 def load_training_state(folder: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """What :func:`save_training_state` wrote (``step``, ``history``, optimizer, RNG states...),
+    """What :func:`save_training_state` wrote (``step``, ``history``, optimizer, scheduler...),
     its tensors on ``map_location`` (``torch.load``'s).
 
     The CPU by default: GPU workers write the file, and without a map every tensor comes back on

@@ -4,11 +4,20 @@
   history after training) and by every rank of a node on resume: ``torch.load`` must name where
   its tensors go. A GPU worker's file is imitated by tagging every storage ``cuda:0`` as it is
   saved: loading it without ``map_location`` on this machine fails exactly as on the head node.
+- Rank 0 keeps a few validation pairs: it reads the ordering columns of the split and the
+  latents of those pairs only (a fake cache written in small row groups, as the build writes it).
+- Each rank draws its own noise, and after a resume the noise an uninterrupted run would have
+  drawn; DDP skips its start-up broadcast of identical weights. One 2-worker gloo fit through
+  ``job.fit`` answers both (marker ``ray``): its last rank dies once, Ray Train restarts the ranks
+  from their checkpoint, and the hooks record what each rank drew and how DDP was built.
 """
 
 from __future__ import annotations
 
 import ast
+import os
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -42,31 +51,79 @@ def cfg():
     from catvton.config import load_config
     from catvton.offline.tiny_base import ensure_tiny_base
 
-    c = load_config(ROOT / "configs" / "tiny.yaml", ["model.transformer_override=null", "lora.rank=4", "lora.alpha=8.0"])
+    c = load_config(ROOT / "configs" / "tiny.yaml", ["model.transformer_override=null", "lora.rank=4",
+                                                     "lora.alpha=8.0"])
     c.model.base = str(ensure_tiny_base())
     return c
 
 
-def test_a_worker_resumes_a_gpu_checkpoint_onto_its_own_parameters(cfg, tmp_path, saved_on_a_gpu):
-    from catvton.train.checkpoint import load_checkpoint, save_checkpoint
+def training(cfg, total: int = 10):
+    """(model, params, optimizer, scheduler) of a fresh run on the tiny base."""
     from catvton.train.engine import build_transformer, make_optimizer, trainable_parameters
 
-    def training():
-        model = build_transformer(cfg, torch.device("cpu"), torch.float32)
-        params = trainable_parameters(model)
-        return (model, params, *make_optimizer(cfg, params, 10), torch.Generator().manual_seed(0))
+    model = build_transformer(cfg, torch.device("cpu"), torch.float32)
+    params = trainable_parameters(model)
+    return (model, params, *make_optimizer(cfg, params, total))
 
-    model, params, optimizer, scheduler, generator = training()
+
+def test_a_worker_resumes_a_gpu_checkpoint_onto_its_parameters_device(cfg, tmp_path, saved_on_a_gpu):
+    from catvton.train.checkpoint import load_checkpoint, save_checkpoint
+
+    model, params, optimizer, scheduler = training(cfg)
     for p in params:
         p.grad = torch.ones_like(p)
     optimizer.step()
-    save_checkpoint(tmp_path, model, optimizer, scheduler, 1, [{"step": 1, "loss": 0.5}], cfg, generator, 10)
+    save_checkpoint(tmp_path, model, optimizer, scheduler, 1, [{"step": 1, "loss": 0.5}], cfg,
+                    torch.Generator().manual_seed(0), 10)
 
-    model, params, optimizer, scheduler, generator = training()
-    step, history, _ = load_checkpoint(tmp_path, model, optimizer, scheduler, cfg, generator, 10)
+    model, params, optimizer, scheduler = training(cfg)
+    step, history, _ = load_checkpoint(tmp_path, model, optimizer, scheduler, cfg, torch.Generator(), 10)
     assert (step, history) == (1, [{"step": 1, "loss": 0.5}])
     moments = [s["exp_avg"] for s in optimizer.state_dict()["state"].values()]
     assert len(moments) == len(params) and all(m.device.type == "cpu" for m in moments)
+
+
+def test_each_rank_restores_its_own_noise_state_and_the_resume_line_names_those_that_cannot(cfg, tmp_path):
+    """Rank r restores the state rank r saved. A rank the checkpoint holds none for (a run resumed
+    on more ranks, or a checkpoint from before per-rank states: rank 0's alone, inside
+    training_state.pt) keeps the generator the loop seeded, train.seed*1000+rank, and the resume
+    line says so."""
+    from catvton.train.checkpoint import load_checkpoint, save_checkpoint, save_rank_rng
+
+    def seeded(rank: int, draws: int = 0) -> torch.Generator:
+        g = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
+        torch.rand(draws, generator=g)
+        return g
+
+    model, _, optimizer, scheduler = training(cfg)
+    save_checkpoint(tmp_path, model, optimizer, scheduler, 4, [], cfg, seeded(0, draws=7), 10)  # rank 0's folder
+    save_rank_rng(tmp_path, 1, seeded(1, draws=7))  # rank 1's, merged into the same checkpoint by Ray Train
+
+    def resume(rank: int, world: int) -> tuple[torch.Tensor, str]:
+        generator = seeded(rank)  # as the loop builds it
+        *_, note = load_checkpoint(tmp_path, model, optimizer, scheduler, cfg, generator, 10, rank=rank, world=world)
+        return generator.get_state(), note
+
+    for rank in (0, 1):
+        state, note = resume(rank, 2)
+        assert torch.equal(state, seeded(rank, draws=7).get_state()) and note == "resumed from step 4"
+    state, note = resume(2, 3)
+    assert torch.equal(state, seeded(2).get_state())
+    assert note == ("resumed from step 4 (the checkpoint holds the noise state of 2 ranks and this run has 3: rank 2 "
+                    "draws noise afresh from train.seed*1000+rank)")
+    assert resume(0, 1)[1] == ("resumed from step 4 (the checkpoint holds the noise states of 2 ranks and this run "
+                               "has 1: the others are unused)")
+
+    old = artifacts.load_training_state(tmp_path)  # as written before per-rank states
+    old.update(generator=seeded(0, draws=7).get_state(), torch_rng=torch.get_rng_state())
+    artifacts.save_training_state(tmp_path, old)
+    for f in tmp_path.glob(artifacts.RANK_RNG.format(rank="*")):
+        f.unlink()
+    assert torch.equal(resume(0, 2)[0], seeded(0, draws=7).get_state())
+    state, note = resume(1, 2)
+    assert torch.equal(state, seeded(1).get_state())
+    assert note == ("resumed from step 4 (the checkpoint holds the noise state of 1 rank and this run has 2: rank 1 "
+                    "draws noise afresh from train.seed*1000+rank)")
 
 
 def torch_loads_without_map_location(root: Path) -> list[str]:
@@ -92,10 +149,10 @@ LATENT = (16, 2, 2)  # (C, h, w) of the fake cache's latents
 MASK = (8, 16)  # (H, 2W) of its masks
 
 
-def val_split(root: Path, rows_per_group: int = 2) -> tuple[Path, dict, int]:
+def val_split(root: Path) -> tuple[Path, dict, int]:
     """A latent cache holding only a validation split as the cache build writes it: several files,
-    each in small row groups (one per encoded block), pairs in no particular order, a canvas PNG
-    per row. Returns (folder, manifest, number of rows)."""
+    each in small row groups (one per encoded block), pairs in no particular order, a canvas per row
+    (bytes standing in for its PNG). Returns (folder, manifest, number of rows)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -105,8 +162,8 @@ def val_split(root: Path, rows_per_group: int = 2) -> tuple[Path, dict, int]:
     rng = np.random.default_rng(0)
     rows = []
     for group, people in (("full", 5), ("lower", 7), ("upper", 3)):
-        for p in range(people):
-            for pose in rng.choice(["01_1_front", "02_2_side", "03_4_full", "04_7_back"], rows_per_group, replace=False):
+        for _ in range(people):
+            for pose in rng.choice(["01_1_front", "02_2_side", "03_4_full", "04_7_back"], 2, replace=False):
                 rows.append({"pid": f"id_{rng.integers(10**8):08d}", "group": group, "cloth_type": group,
                              "garment_pose": "01_1_front", "person_pose": str(pose),
                              "mask": pack_mask_bits(rng.random(MASK) > 0.5), "stats": "",
@@ -171,13 +228,13 @@ def test_rank_0_reads_the_latents_of_the_kept_validation_pairs_only(tmp_path, mo
 
     cache, manifest, total = val_split(tmp_path)
     cfg = val_cfg(2, 3)
-    kept = {(p, g) for b in old_val_batches(cache, manifest, cfg) for p, g in zip(b["pid"], b["group"])}
-    holding = 0  # rows of the row groups that hold a kept pair
+    kept = {t.half().numpy().tobytes() for b in old_val_batches(cache, manifest, cfg) for t in b["target"]}
+    holding = 0  # rows of the row groups that hold a kept pair (a pair's latents are its identity here)
     for f in split_files(cache, "val"):
         pf = pq.ParquetFile(f)
         for g in range(pf.num_row_groups):
-            keys = pf.read_row_group(g, columns=["pid", "group"]).to_pylist()
-            holding += len(keys) if any((k["pid"], k["group"]) in kept for k in keys) else 0
+            targets = pf.read_row_group(g, columns=["target"]).column("target").to_pylist()
+            holding += len(targets) if kept.intersection(targets) else 0
     assert len(kept) == 6 and holding < total
 
     read: list[tuple[set[str], int]] = []  # (columns, rows) of every table parquet materialised
@@ -199,3 +256,123 @@ def test_rank_0_reads_the_latents_of_the_kept_validation_pairs_only(tmp_path, mo
     latent_rows = sum(n for columns, n in read if columns & {"target", "masked"})
     assert 6 <= latent_rows <= holding, (latent_rows, holding, total, read)
     assert not any("canvas" in columns for columns, _ in read), read
+
+
+# --- two gloo ranks, interrupted and resumed: their noise and the DDP wrapper ----------------
+SMALL = ["data.synthetic_pids=40", "data.val_fraction=0.2", "data.test_fraction=0.2",
+         "model.transformer_override=null", "train.batch_size=4", "train.warmup_steps=2", "run.wandb_mode=disabled"]
+
+
+class RecordRanks:
+    """The worker hooks of :func:`two_ranks_resumed`. Every worker start (an *attempt*) writes to
+    ``folder``: ``noise-rank<r>.txt``, one line ``<attempt> <step> <digest>`` per optimizer step
+    (the digest of the training noise and noise levels the rank drew in that step);
+    ``ddp-<attempt>.txt``, a line ``init_sync=<value>`` per DDP wrapper built and ``broadcast``
+    per start-up broadcast of the module's states; ``weights-rank<r>.pt`` at the end (trainable
+    weights). The last rank dies once, after step ``fail_after``'s records, as soon as Ray Train has
+    registered a checkpoint in ``storage`` (the run's folder there): a worker that dies right after a
+    report can take the report, and so the checkpoint, with it."""
+
+    def __init__(self, folder: Path, fail_after: int, storage: Path):
+        self.folder, self.fail_after, self.storage = Path(folder), fail_after, Path(storage)
+
+    def __setstate__(self, state: dict) -> None:  # in the worker, before the loop runs
+        import hashlib
+        import uuid
+
+        from torch.nn.parallel import DistributedDataParallel, distributed
+
+        from catvton.train import flow
+
+        self.__dict__.update(state)
+        self.attempt, self.drawn = uuid.uuid4().hex[:8], []
+        self.folder.mkdir(parents=True, exist_ok=True)
+        log = self.folder / f"ddp-{self.attempt}.txt"
+        add_noise = getattr(flow, "_real_add_noise", flow.add_noise)
+        sync = getattr(distributed, "_real_sync_module_states", distributed._sync_module_states)
+        ddp_init = DistributedDataParallel.__dict__.get("_real_init", DistributedDataParallel.__init__)
+
+        def noisy(x0, noise, sigmas):
+            if torch.is_grad_enabled():  # training; the validation loss runs without grad
+                digest = hashlib.sha256(noise.detach().cpu().numpy().tobytes() + sigmas.cpu().numpy().tobytes())
+                self.drawn.append(digest.hexdigest()[:16])
+            return add_noise(x0, noise, sigmas)
+
+        def broadcast(*args, **kwargs):
+            with open(log, "a") as f:
+                f.write("broadcast\n")
+            return sync(*args, **kwargs)
+
+        def wrap(ddp, module, *args, **kwargs):
+            with open(log, "a") as f:
+                f.write(f"init_sync={kwargs.get('init_sync', True)}\n")
+            ddp_init(ddp, module, *args, **kwargs)
+
+        flow._real_add_noise, flow.add_noise = add_noise, noisy
+        distributed._real_sync_module_states, distributed._sync_module_states = sync, broadcast
+        DistributedDataParallel._real_init, DistributedDataParallel.__init__ = ddp_init, wrap
+
+    def after_step(self, *, step: int, rank: int, world: int, run_dir: Path) -> None:
+        with open(self.folder / f"noise-rank{rank}.txt", "a") as f:
+            f.writelines(f"{self.attempt} {step} {d}\n" for d in self.drawn)
+        self.drawn.clear()
+        marker = self.folder / "failed"
+        if step == self.fail_after and rank == world - 1 and not marker.exists():
+            deadline = time.monotonic() + 120
+            while not (self.storage / "checkpoint_manager_snapshot.json").is_file() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            marker.write_text(f"rank {rank} exits after step {step}\n")
+            os._exit(1)
+
+    def at_end(self, *, model: torch.nn.Module, rank: int) -> None:
+        torch.save({n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+                   self.folder / f"weights-rank{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def two_ranks_resumed(tmp_path_factory, ray_session):
+    """One fit of 2 gloo workers, 3 steps, a checkpoint at step 2; the last rank dies after step 3
+    once, so Ray Train restarts both ranks from the step-2 checkpoint and they run step 3 again:
+    its first attempt is the uninterrupted run, its second the resumed one. ``(outcome, records)``."""
+    import ray.cloudpickle
+
+    from catvton.cache.build import build_latent_cache
+    from catvton.config import load_config
+    from catvton.offline import resolve
+    from catvton.train.job import fit
+
+    tmp = tmp_path_factory.mktemp("two-ranks")
+    cfg = resolve(load_config(ROOT / "configs/tiny.yaml", SMALL + [
+        f"run.storage_path={tmp / 'ray'}", f"run.output_dir={tmp / 'out'}", "run.name=ranks", "train.num_workers=2",
+        "train.max_steps=3", "train.checkpoint_every=2", "train.val_every=3", "train.val_batches=1",
+        "train.max_failures=1"]), log=lambda _: None)
+    cache = build_latent_cache(cfg, progress=False, log=lambda _: None)  # built once into the cache root
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
+    outcome = fit(cfg, cache, worker_hooks=RecordRanks(tmp / "records", fail_after=3, storage=tmp / "ray" / "ranks"))
+    return outcome, tmp / "records"
+
+
+def attempts(records: Path, rank: int) -> list[dict[int, str]]:
+    """``{step: noise digest}`` of each attempt of ``rank``, in the order they ran."""
+    out: dict[str, dict[int, str]] = {}
+    for line in (records / f"noise-rank{rank}.txt").read_text().splitlines():
+        attempt, step, digest = line.split()
+        assert int(step) not in out.setdefault(attempt, {}), "one draw a step (grad_accum 1)"
+        out[attempt][int(step)] = digest
+    return list(out.values())
+
+
+@pytest.mark.ray
+def test_after_a_resume_each_rank_draws_its_own_noise_as_an_uninterrupted_run_would(two_ranks_resumed):
+    """2 gloo workers, resume: the ranks' noise differs from each other and equals an uninterrupted
+    run's. Every rank's noise generator state is saved; a checkpoint kept rank 0's alone and every
+    rank restored it, so after a resume all ranks drew the same noise."""
+    outcome, records = two_ranks_resumed
+    assert (records / "failed").is_file() and outcome.metrics["step"] == 3
+    assert (outcome.run_dir / artifacts.RESUMES).read_text().splitlines() == ["resumed from step 2"]
+    (first0, again0), (first1, again1) = attempts(records, 0), attempts(records, 1)
+    assert sorted(first0) == sorted(first1) == [1, 2, 3] and sorted(again0) == sorted(again1) == [3]
+    assert all(first0[s] != first1[s] for s in (1, 2, 3)), "each rank its own noise"
+    assert again0[3] != again1[3], "after the resume too"
+    assert (again0[3], again1[3]) == (first0[3], first1[3]), "step 3 resumed draws what it drew uninterrupted"
+

@@ -63,15 +63,26 @@ def load_weights(model: torch.nn.Module, folder: Path, cfg: Config) -> None:
 
 def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer, scheduler, step: int, history: list[dict],
                     cfg: Config, generator: torch.Generator, total: int) -> None:
-    """A whole checkpoint folder: weights, training state (optimizer, scheduler, ``step`` of the
-    run's ``total`` steps, the loss ``history``, the global and the noise ``generator``'s RNG
-    states) and the config."""
+    """A whole checkpoint folder, as rank 0 writes it: weights, training state (optimizer,
+    scheduler, ``step`` of the run's ``total`` steps, the loss ``history``), the config, and rank
+    0's RNG states (:func:`save_rank_rng`; the other ranks write theirs)."""
     save_weights(model, folder, cfg)
     artifacts.save_training_state(folder, {
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-        "total_steps": total, "history": history, "torch_rng": torch.get_rng_state(),
-        "generator": generator.get_state()})
+        "total_steps": total, "history": history})
     (folder / artifacts.CHECKPOINT_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    save_rank_rng(folder, 0, generator)
+
+
+def save_rank_rng(folder: Path, rank: int, generator: torch.Generator) -> None:
+    """Rank ``rank``'s RNG states, its noise ``generator``'s and torch's global one, as
+    :data:`~catvton.artifacts.RANK_RNG` in a checkpoint folder. Each rank draws its own noise (the
+    loop seeds rank r's generator with ``train.seed * 1000 + r``), so each rank writes its own file
+    (into the folder it reports: Ray Train puts every rank's files of one report into one
+    checkpoint) and restores its own on resume (:func:`load_checkpoint`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"generator": generator.get_state(), "torch": torch.get_rng_state()},
+               folder / artifacts.RANK_RNG.format(rank=rank))
 
 
 class ResumeRefused(RuntimeError):
@@ -137,10 +148,27 @@ def resume_note(saved_step: int, saved_total: int | None, total: int, cfg: Confi
     return line
 
 
+def rng_note(saved: int, world: int) -> str:
+    """What restoring the RNG states of ``saved`` ranks on ``world`` ranks means, for the resume
+    line ('' when the counts match): rank r restores the state rank r saved; a rank the
+    checkpoint holds none for keeps the generator the loop seeded (``train.seed * 1000 + rank``);
+    surplus states are left unused. A checkpoint from before per-rank states holds rank 0's alone."""
+    if saved < world:
+        ranks = f"rank {saved}" if world - saved == 1 else f"ranks {saved}-{world - 1}"
+        return (f" (the checkpoint holds the noise state of {saved} rank{'s' if saved > 1 else ''} and this run has "
+                f"{world}: {ranks} draw{'s' if world - saved == 1 else ''} noise afresh from train.seed*1000+rank)")
+    if saved > world:
+        return (f" (the checkpoint holds the noise states of {saved} ranks and this run has {world}: "
+                f"the others are unused)")
+    return ""
+
+
 def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer, scheduler, cfg: Config,
-                    generator: torch.Generator, total: int) -> tuple[int, list[dict], str]:
-    """Restore what :func:`save_checkpoint` wrote into a run of ``total`` steps; returns (step,
-    loss history, :func:`resume_note`). Raises :class:`ModelChanged` (another model) or
+                    generator: torch.Generator, total: int, rank: int = 0,
+                    world: int = 1) -> tuple[int, list[dict], str]:
+    """Restore what :func:`save_checkpoint` and :func:`save_rank_rng` wrote into rank ``rank`` of
+    ``world`` of a run of ``total`` steps; returns (step, loss history, the resume line:
+    :func:`resume_note`, then :func:`rng_note`). Raises :class:`ModelChanged` (another model) or
     :class:`ScheduleChanged` (another schedule it cannot continue on) before restoring anything."""
     saved_cfg = folder / artifacts.CHECKPOINT_CONFIG
     changed = model_change(json.loads(saved_cfg.read_text()), cfg) if saved_cfg.is_file() else []
@@ -158,6 +186,12 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer, scheduler, 
     load_weights(model, folder, cfg)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    generator.set_state(state["generator"])
-    return int(state["step"]), list(state["history"]), note
+    mine = folder / artifacts.RANK_RNG.format(rank=rank)
+    saved = len(list(folder.glob(artifacts.RANK_RNG.format(rank="*"))))
+    rng = torch.load(mine, map_location="cpu", weights_only=True) if mine.is_file() else None
+    if saved == 0 and "generator" in state:  # written before per-rank states: rank 0's alone, in the training state
+        saved, rng = 1, ({"generator": state["generator"], "torch": state["torch_rng"]} if rank == 0 else None)
+    if rng is not None:
+        torch.set_rng_state(rng["torch"])
+        generator.set_state(rng["generator"])
+    return int(state["step"]), list(state["history"]), note + rng_note(saved, world)

@@ -23,7 +23,7 @@ from catvton.artifacts import PLACEMENT_GROUP, REFUSED, RESUMES, STOPPED
 from catvton.cache.read import decode_batch, load_manifest, load_samples, load_text_embeds, split_files
 from catvton.config import Config, config_from_dict, steps_per_epoch, total_steps
 from catvton.infer.tryon import TryOn, grid_image
-from catvton.train.checkpoint import ResumeRefused, load_checkpoint, save_checkpoint
+from catvton.train.checkpoint import ResumeRefused, load_checkpoint, save_checkpoint, save_rank_rng
 from catvton.train.engine import (TextContext, build_transformer, fill_loss, fixed_val_loss, make_optimizer,
                                   non_finite_message, train_step, trainable_parameters)
 from catvton.train.progress import connect
@@ -148,7 +148,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if checkpoint is not None:
         try:
             with checkpoint.as_directory() as d:
-                step, history, note = load_checkpoint(Path(d), model, optimizer, scheduler, cfg, generator, total)
+                step, history, note = load_checkpoint(Path(d), model, optimizer, scheduler, cfg, generator, total,
+                                                      rank=rank, world=world)
         except ResumeRefused as e:
             # Every rank reads the same checkpoint and returns here. Returning (not raising)
             # keeps Ray from retrying; the driver raises the reason (job.fit).
@@ -189,14 +190,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
             if rank == 0:
                 save_checkpoint(Path(tmp), model, optimizer, scheduler, metrics["step"], history, cfg, generator, total)
                 plot_loss_curve(history, run_dir / "loss_curve.png", title=f"{cfg.run.name}: flow-matching loss")
                 if samples is not None:
                     _sample_grid(model, samples, embeds, cfg, run_dir / f"samples_step{metrics['step']:06d}.png")
-                ckpt = Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt)
+            else:  # its own noise state; Ray Train puts the files every rank reports into one checkpoint
+                save_rank_rng(Path(tmp), rank, generator)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
         last_checkpoint = f"step {metrics['step']}"  # reported; Ray names its folder
 
     if step == 0 and rank == 0:
