@@ -376,3 +376,22 @@ def test_after_a_resume_each_rank_draws_its_own_noise_as_an_uninterrupted_run_wo
     assert again0[3] != again1[3], "after the resume too"
     assert (again0[3], again1[3]) == (first0[3], first1[3]), "step 3 resumed draws what it drew uninterrupted"
 
+
+@pytest.mark.ray
+def test_ddp_skips_its_start_up_broadcast_and_the_ranks_stay_identical(two_ranks_resumed):
+    """Every rank loads the same files and seeds the LoRA's init with train.seed: DDP's start-up
+    broadcast of every parameter (~24 GB at full size, at every start and restart) copied rank 0's
+    weights onto identical ones. Without it, the ranks' weights after training are still the same
+    bits (a rank that started elsewhere would stay elsewhere: DDP averages the gradients only)."""
+    outcome, records = two_ranks_resumed
+    built = [p.read_text().split() for p in records.glob("ddp-*.txt")]
+    assert len(built) == 4, f"a DDP wrapper per rank and attempt: {built}"
+    assert all(lines == ["init_sync=False"] for lines in built), built
+    r0, r1 = (torch.load(records / f"weights-rank{r}.pt", map_location="cpu") for r in (0, 1))
+    assert r0.keys() == r1.keys() and len(r0) > 0
+    assert all(torch.equal(r0[k], r1[k]) for k in r0), [k for k in r0 if not torch.equal(r0[k], r1[k])][:3]
+    assert max(float(v.abs().max()) for k, v in r0.items() if "lora_B" in k) > 0, "the LoRA moved from its zero init"
+    assert (outcome.weights_dir / artifacts.LORA_WEIGHTS).is_file()
+    # the job chose how to read the split by itself (a small split is held) and says why
+    assert outcome.read == "materialize"
+    assert (outcome.run_dir / artifacts.READ_MODE).read_text().startswith("materialize: ")

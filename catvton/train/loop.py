@@ -164,7 +164,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             run_dir.mkdir(parents=True, exist_ok=True)
             with open(run_dir / RESUMES, "a") as f:  # the run's own record of where it restarted
                 f.write(note + "\n")
-    ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
+    # No start-up broadcast (init_sync, torch >= 2.6): every rank already holds the same weights
+    # (the base from the same files, the LoRA's A drawn after torch.manual_seed(train.seed) in
+    # build_transformer and its B zero; on resume, the same checkpoint), and DDP's broadcast of
+    # every parameter, the 11.9B frozen ones included, moved ~24 GB at every start and restart at
+    # full size. DDP averages gradients only, so ranks that started apart would stay apart:
+    # tests/test_train_state.py holds the ranks' weights bit-identical after training.
+    ddp_model = model if world == 1 else ray.train.torch.prepare_model(
+        model, move_to_device=False, parallel_strategy_kwargs={"init_sync": False})
 
     tracker = Tracker(run_dir, cfg, enabled=rank == 0)
     if rank == 0:  # the driver frees it if Ray Train leaves it behind (see job.release_placement_group)
