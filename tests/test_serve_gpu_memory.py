@@ -109,7 +109,7 @@ def test_vae_slicing_decodes_one_image_at_a_time_and_changes_no_pixel(case):
 
 
 @pytest.mark.parametrize("setting,device,expected", [
-    (None, "cpu", False), (None, "cuda", True), (None, "cuda:1", True),
+    (None, "cpu", False), (None, "cuda", True), (None, "cuda:1", True), (None, "meta", True),
     (True, "cpu", True), (False, "cuda", False),
 ])
 def test_vae_slicing_is_on_by_default_where_the_pipeline_runs_on_cuda(setting, device, expected):

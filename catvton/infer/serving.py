@@ -311,8 +311,7 @@ class TryOnService:
             refuse_unreserved_cuda(device)  # a device given by the caller: still no unreserved GPU
         gpu = str(device).startswith("cuda") or device == "meta"
         dtype = torch.bfloat16 if gpu else torch.float32
-        slicing = settings.slicing if settings.slicing is not None else (True if device == "meta" else None)
-        tryon = TryOn.load(cfg, lora=lora, device=device, dtype=dtype, vae_slicing=slicing)
+        tryon = TryOn.load(cfg, lora=lora, device=device, dtype=dtype, vae_slicing=settings.slicing)
         masker = None
         if settings.parser:
             parser = str(_path(settings.parser)) if _path(settings.parser).exists() else settings.parser

@@ -1,9 +1,10 @@
 """The GPU job, checked on a CPU: FLUX.1-Fill-dev's full-size step on the ``meta`` device, and its
 memory and FLOPs measured under ``FakeTensorMode``. No GPU, no weights, no download::
 
-    python -m catvton.train.dryrun --config configs/l40s.yaml            # ~5 min on 2 CPUs
-    python -m catvton.train.dryrun --config configs/l40s.yaml --blocks 1 1 --json out.json   # full width, 1+1 blocks
-    python -m catvton.train.dryrun --config configs/l40s.yaml --placement-only
+    python -m catvton.train.dryrun --config configs/l40s.yaml               # ~6 CPU minutes
+    python -m catvton.train.dryrun --config configs/l40s.yaml --rows all    # + the 8-row table, ~25 CPU minutes
+    python -m catvton.train.dryrun --config configs/l40s.yaml --blocks 1 1  # full width, 1+1 blocks (~1 min)
+    python -m catvton.train.dryrun --config configs/l40s.yaml --placement-only   # the meta run only
 
 **Placement** (``meta``). The job's own functions, in the order a worker and a Serve replica call
 them, on a weightless FLUX.1-Fill-dev folder (:mod:`catvton.model.skeleton`) loaded by the
@@ -100,12 +101,19 @@ def _project_frames(tb) -> list[tuple[str, str]]:
     return found
 
 
+STAGE_SECONDS: dict[str, float] = {}
+"""Seconds each stage of the last placement check took (printed with ``--verbose``)."""
+
+
 def stage(name: str, fn: Callable[[], Any]) -> Any:
     """Run one stage; any error becomes :class:`DryRunFailed` naming the project's file and line."""
+    t0 = time.perf_counter()
     try:
         return fn()
     except Exception as e:  # noqa: BLE001 - every failure of the job's code is the finding
         raise DryRunFailed(name, e, _project_frames(e.__traceback__)) from e
+    finally:
+        STAGE_SECONDS[name] = time.perf_counter() - t0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,6 +272,7 @@ def _tracker():
     hours at 57 blocks); a model called again (accumulation, denoising steps) is allowed."""
     from copy import deepcopy
 
+    from torch._subclasses.fake_tensor import is_fake
     from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
 
     class FrozenBaseTracker(MemTracker):
@@ -285,6 +294,10 @@ def _tracker():
                 if set(self._mod_tracker.parents) - {self._mod_tracker.get_known_fqn(module)} == {"Global"}:
                     self.reset_mod_stats()
             super()._pre_fw_hook(module, inputs)
+
+        def _track(self, reftype, t: torch.Tensor) -> None:
+            if is_fake(t):  # device tensors only: a real one is the CPU side (an input photo's tensor)
+                super()._track(reftype, t)
 
         def _update_peak_stats(self, peak_state) -> None:
             for dev, snap in self._curr_mem_snap.items():
@@ -435,11 +448,12 @@ def measure_config(cfg: Config) -> Measured:
                             name="this config's step")
 
 
-def _measure_call(name: str, modules: list[torch.nn.Module], call: Callable[[], Any], batch: int) -> Measured:
-    """Peak and FLOPs of ``call()`` (no gradients) with ``modules`` resident, in a FakeTensorMode
-    the caller entered."""
+def _measure_call(name: str, modules: list, call: Callable[[], Any], batch: int) -> Measured:
+    """Peak and FLOPs of ``call()`` (no gradients) with ``modules`` (and optimizers) resident, their
+    tensors fake. Run outside the fake mode: the pipeline's CPU side (an input photo's tensor, its
+    ``min() < 0`` check) runs for real and is not counted; what meets a fake weight turns fake."""
     tracker = _tracker()
-    tracker.track_external(*[m for m in modules if m is not None])
+    tracker.track_external(*[m for m in modules if m is not None])  # modules and optimizers
     t0 = time.perf_counter()
     with torch.no_grad(), FlopCount() as flops, tracker:
         call()
@@ -449,31 +463,40 @@ def _measure_call(name: str, modules: list[torch.nn.Module], call: Callable[[], 
 
 def measure_grid(cfg: Config) -> Measured:
     """Rank 0's checkpoint-time sample grid (``run.samples`` pairs through the pipeline at the
-    training canvas) beside the training state: the trained model, its optimizer state and
-    gradients-free. The pipeline's VAE joins the worker's memory at that moment."""
+    training canvas, :func:`catvton.train.loop._sample_grid`'s ``TryOn.from_parts`` + ``fill_canvases``)
+    beside the training state: the trained model and its optimizer state. The pipeline's VAE joins
+    the worker's memory at that moment. The pipeline is assembled before the fake mode (its
+    scheduler reads numbers), then its models get fake storage."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from catvton.train.loop import _sample_grid
+    from catvton.infer.tryon import TryOn
 
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     g = torch.Generator().manual_seed(0)
     with weightless():
         model = engine.build_transformer(cfg, torch.device("meta"), dtype)
-    text_dim, pooled_dim = model.config.joint_attention_dim, model.config.pooled_projection_dim
+        text_dim, pooled_dim = model.config.joint_attention_dim, model.config.pooled_projection_dim
+        tryon = TryOn.from_parts(cfg, transformer=model, text_embeds=text_embeds(cfg, g, text_dim, pooled_dim))
+    samples = sample_rows(cfg, cfg.run.samples)
+    canvases, masks = samples["canvas"].astype(np.float32) / 255.0, samples["mask"].astype(np.float32)
     with FakeTensorMode(allow_non_fake_inputs=True):
-        _fake_modules(model)
+        _fake_modules(model, tryon.pipe.vae)
+        _fake_embeds(tryon)
         params = engine.trainable_parameters(model)
         optimizer, _ = engine.make_optimizer(cfg, params, 10)
         for p in params:
             p.grad = torch.zeros_like(p)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        embeds = text_embeds(cfg, g, text_dim, pooled_dim)
-        samples = sample_rows(cfg, cfg.run.samples)
-        with tempfile.TemporaryDirectory() as tmp, weightless():
-            return _measure_call(f"sample grid ({cfg.run.samples} pairs)", [model],
-                                 lambda: _sample_grid(model, samples, embeds, cfg, Path(tmp) / "grid.png"),
-                                 cfg.run.samples)
+    model.eval()
+    return _measure_call(f"sample grid ({cfg.run.samples} pairs)", [model, tryon.pipe.vae, optimizer],
+                         lambda: tryon.fill_canvases(canvases, masks), cfg.run.samples)
+
+
+def _fake_embeds(tryon) -> None:
+    """The try-on's prompt embeddings as fake tensors of the same shape and dtype (inside the mode)."""
+    tryon.prompt_embeds = torch.empty(tryon.prompt_embeds.shape, dtype=tryon.prompt_embeds.dtype)
+    tryon.pooled = torch.empty(tryon.pooled.shape, dtype=tryon.pooled.dtype)
 
 
 def measure_serving(settings, batches: list[int]) -> list[Measured]:
@@ -485,14 +508,10 @@ def measure_serving(settings, batches: list[int]) -> list[Measured]:
         service = load_service(settings, "meta")
     pipe = service.tryon.pipe
     modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
-    rows = []
     with FakeTensorMode(allow_non_fake_inputs=True):
         _fake_modules(*modules)
-        service.tryon.prompt_embeds = torch.empty(service.tryon.prompt_embeds.shape, dtype=service.tryon.prompt_embeds.dtype)
-        service.tryon.pooled = torch.empty(service.tryon.pooled.shape, dtype=service.tryon.pooled.dtype)
-        for n in batches:
-            rows.append(_measure_call(f"serve batch {n}", modules, lambda n=n: serve_request(service, n), n))
-    return rows
+        _fake_embeds(service.tryon)
+    return [_measure_call(f"serve batch {n}", modules, lambda n=n: serve_request(service, n), n) for n in batches]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -542,8 +561,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="double and single blocks (default FLUX's 19 and 38); full width and canvas always")
     p.add_argument("--serve-config", default=SERVE_CONFIG, help="serve config whose replica is checked ('' skips it)")
     p.add_argument("--placement-only", action="store_true", help="only the meta run (seconds), no memory rows")
-    p.add_argument("--rows", choices=["preset", "all"], default="all",
-                   help="preset: the config's own step and the Serve rows; all: + batch 1/2 x rank 16/64 x checkpointing")
+    p.add_argument("--rows", choices=["preset", "all"], default="preset",
+                   help="preset: the config's own step, rank 0's sample grid and the Serve replica (~5 CPU minutes at "
+                        "full depth); all: + batch 1/2 x rank 16/64 x checkpointing on/off (~2.5 CPU minutes a row)")
     p.add_argument("--json", help="write the results here")
     a = p.parse_args(argv)
     quiet_libraries()
@@ -586,7 +606,9 @@ def main(argv: list[str] | None = None) -> int:
         rows: list[Measured] = []
         for batch, rank, ck, name in specs:
             rows.append(measure_step(dcfg, batch, rank, ck, accum=min(2, t.grad_accum), name=name))
-            print(f"  measured {rows[-1].name} ({rows[-1].seconds:.0f} s)", flush=True)
+            r = rows[-1]
+            print(f"  measured {r.name}: {r.tensor_peak / GB:.2f} GB of tensors, {r.flops / 1e12:.1f} TFLOP "
+                  f"({r.seconds:.0f} s)", flush=True)
         rows.append(measure_grid(dcfg))
         if serve_path is not None:
             settings = serve_settings(serve_path, None, base)
