@@ -376,6 +376,9 @@ class Measured:
     batch: int = 0
     rank: int = 0
     checkpointing: bool = True
+    planned_tensors: float | None = None
+    """The planner's peak for the same step, CUDA context left out (:mod:`catvton.train.planner`)."""
+    planned_flops: float | None = None
 
     @property
     def total(self) -> float:
@@ -536,19 +539,42 @@ def quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
+TABLE_HEAD = (f"{'row':34s} {'params':>7s} {'grads':>6s} {'optim':>6s} {'activ':>6s} {'temps':>6s} {'other':>6s} "
+              f"{'tensors':>8s} {'GPU':>7s} {'TFLOP':>7s}")
+
+
+def table_line(r: Measured) -> str:
+    c = r.categories
+    other = c["buffers"] + c["inputs"] + c["other"]
+    line = (f"{r.name:34s} {_gb(c['parameters']):>7s} {_gb(c['gradients']):>6s} {_gb(c['optimizer']):>6s} "
+            f"{_gb(c['activations']):>6s} {_gb(c['temporaries']):>6s} {_gb(other):>6s} "
+            f"{_gb(r.tensor_peak):>8s} {_gb(r.total):>7s} {r.flops / 1e12:7.1f}")
+    if r.planned_tensors:
+        line += (f"   planner {r.planned_tensors / GB:.2f} GB ({100 * (r.planned_tensors / r.tensor_peak - 1):+.0f}%), "
+                 f"{r.planned_flops / 1e12:.1f} TFLOP ({100 * (r.planned_flops / r.flops - 1):+.0f}%)")
+    return line
+
+
+def with_plan(row: Measured, cfg: Config, base: Path, accum: int) -> Measured:
+    """``row`` with the planner's figures for the same step (its transformer's config, canvas, batch,
+    rank, checkpointing; plain AdamW as measured; ``accum`` micro-batches of FLOPs)."""
+    from catvton.train.planner import plan, trained_transformer
+
+    p = plan(cfg.canvas.half_width, cfg.canvas.half_height, row.batch, rank=row.rank, targets=cfg.lora.targets,
+             gradient_checkpointing=row.checkpointing, gpu="L40S", optimizer="adamw",
+             text_tokens=cfg.model.max_sequence_length, model=trained_transformer(str(base)),
+             precision=cfg.train.precision)
+    row.planned_tensors = p.peak_bytes - p.context_bytes
+    row.planned_flops = accum * (p.flops_forward + p.flops_backward + (p.flops_recompute if row.checkpointing else 0))
+    return row
+
+
+TABLE_FOOT = (f"GB = 1e9 bytes; 'GPU' = tensors x {1 + SLACK:.2f} (allocator slack) + {CONTEXT_BYTES / GB:.1f} GB "
+              "(CUDA context, workspaces); TFLOP per optimizer step (per call for the grid and Serve rows)")
+
+
 def table(rows: list[Measured]) -> str:
-    head = (f"{'row':34s} {'params':>7s} {'grads':>6s} {'optim':>6s} {'activ':>6s} {'temps':>6s} {'other':>6s} "
-            f"{'tensors':>8s} {'GPU':>7s} {'TFLOP':>7s}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        c = r.categories
-        other = c["buffers"] + c["inputs"] + c["other"]
-        lines.append(f"{r.name:34s} {_gb(c['parameters']):>7s} {_gb(c['gradients']):>6s} {_gb(c['optimizer']):>6s} "
-                     f"{_gb(c['activations']):>6s} {_gb(c['temporaries']):>6s} {_gb(other):>6s} "
-                     f"{_gb(r.tensor_peak):>8s} {_gb(r.total):>7s} {r.flops / 1e12:7.1f}")
-    lines.append(f"GB = 1e9 bytes; 'GPU' = tensors x {1 + SLACK:.2f} (allocator slack) + {CONTEXT_BYTES / GB:.1f} GB "
-                 "(CUDA context, workspaces); TFLOP per step (per call for the grid and Serve rows)")
-    return "\n".join(lines)
+    return "\n".join([TABLE_HEAD, "-" * len(TABLE_HEAD), *(table_line(r) for r in rows), TABLE_FOOT])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -604,32 +630,42 @@ def main(argv: list[str] | None = None) -> int:
         if a.rows == "all":
             specs += [(b, r, ck, "") for ck in (True, False) for r in (16, 64) for b in (1, 2)]
         rows: list[Measured] = []
+
+        def add(row: Measured) -> None:  # printed and saved as measured: a long run keeps what it did
+            rows.append(row)
+            print(f"{table_line(row)}   ({row.seconds:.0f} s)", flush=True)
+            result["rows"] = [r.to_dict() for r in rows]
+            _write(a.json, result, quiet=True)
+
+        print(TABLE_HEAD + "\n" + "-" * len(TABLE_HEAD), flush=True)
+        accum = min(2, t.grad_accum)
         for batch, rank, ck, name in specs:
-            rows.append(measure_step(dcfg, batch, rank, ck, accum=min(2, t.grad_accum), name=name))
-            r = rows[-1]
-            print(f"  measured {r.name}: {r.tensor_peak / GB:.2f} GB of tensors, {r.flops / 1e12:.1f} TFLOP "
-                  f"({r.seconds:.0f} s)", flush=True)
-        rows.append(measure_grid(dcfg))
+            add(with_plan(measure_step(dcfg, batch, rank, ck, accum=accum, name=name), dcfg, base, accum))
+        grid = measure_grid(dcfg)
+        add(grid)
         if serve_path is not None:
             settings = serve_settings(serve_path, None, base)
-            rows += measure_serving(settings, sorted({1, settings.max_batch_size}))
-        print(table(rows))
-        result["rows"] = [r.to_dict() for r in rows]
+            for row in measure_serving(settings, sorted({1, settings.max_batch_size})):
+                add(row)
+        print(TABLE_FOOT)
         preset = rows[0]
-        result["training_peak_bytes"] = preset.total
+        result["training_peak_bytes"] = max(preset.total, grid.total)
         result["serving_peak_bytes"] = max((r.total for r in rows if r.name.startswith("serve")), default=None)
-        print(f"training peak of this config (context and slack included): {preset.total / GB:.1f} GB a GPU")
+        print(f"training peak of this config (its step, and rank 0's sample grid beside the training state; "
+              f"context and slack included): {result['training_peak_bytes'] / GB:.1f} GB a GPU")
         if result["serving_peak_bytes"] is not None:
-            print(f"serving peak at max_batch_size: {result['serving_peak_bytes'] / GB:.1f} GB a replica")
+            print(f"serving peak at max_batch_size {settings.max_batch_size}: {result['serving_peak_bytes'] / GB:.1f} GB "
+                  "a replica")
     _write(a.json, result)
     return 0
 
 
-def _write(path: str | None, result: dict) -> None:
+def _write(path: str | None, result: dict, quiet: bool = False) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(result, indent=2, default=str) + "\n")
-        print(f"written to {path}")
+        if not quiet:
+            print(f"written to {path}")
 
 
 if __name__ == "__main__":
