@@ -124,7 +124,7 @@ def _measured_peak(cfg, gpu: str) -> dict:
     (:func:`catvton.train.dryrun.measure_config`, seconds for the tiny model, ~1-2 CPU minutes at full
     size), printed beside the plan; a GPU run adds the allocator slack and CUDA context."""
     from catvton.offline import resolve
-    from catvton.train.dryrun import measure_config
+    from catvton.train.measure import measure_config
 
     m = measure_config(resolve(cfg, log=lambda _: None))
     c = m.categories

@@ -16,6 +16,7 @@ LoRA) applied by the serving code (``catvton.infer.levers``), transformer passes
 
     python bench/full_size_step.py --out outputs/bench/full_size.json        # on a GPU (~10 min)
     python bench/full_size_step.py --rows base --no-tryon                     # the four base rows only
+    python bench/full_size_step.py --rows preset --fake                        # bench/gpu_check.sh's row
     python bench/full_size_step.py --tiny --device cpu                        # tiny shape on CPU (the test)
 
 Rows that run out of memory are recorded as OOM, a lever the card cannot run (an SDPA kernel
@@ -34,6 +35,7 @@ import json
 import math
 import resource
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -358,14 +360,38 @@ def time_tryon(shape: Shape, device, dtype, steps: int, lever: str = "none") -> 
     return result
 
 
+def add_fake(row: dict) -> dict:
+    """The fake-tensor measurement of the same step (``catvton.train.dryrun``, CPU work, no GPU
+    memory), beside ``torch.cuda.max_memory_allocated``: what the dry run claims, checked. One
+    micro-batch and no optimizer priming here would differ from the dry run's steady state, so the
+    row's own conditions are measured: 1 micro-batch, AdamW state present (the timed steps are not
+    the first)."""
+    from catvton.model.skeleton import write_skeleton
+    from catvton.train.full_size import dry_config
+    from catvton.train.measure import measure_step
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = dry_config(bench_config(row["batch"], row["checkpointing"], torch.bfloat16),
+                                write_skeleton(Path(tmp) / "flux-fill"), Path(tmp))
+        m = measure_step(cfg, row["batch"], 16, row["checkpointing"], accum=1)
+    row["fake_tensor_peak_bytes"] = m.tensor_peak
+    row["fake_categories"] = m.categories
+    if not row.get("oom"):
+        row["fake_error"] = row["peak_bytes"] / m.tensor_peak - 1.0
+    return row
+
+
 def run(shape: Shape, device: torch.device, rows: str, steps: int, warmup: int, tryon_steps: int | None,
-        log=print) -> dict:
+        log=print, fake: bool = False) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     name = gpu_name(device)
     gpu = planner_gpu(name) if device.type == "cuda" else None
     result = {"device": name, "planner_gpu": gpu, "torch": torch.__version__, "shape": shape.__dict__,
               "tokens_per_sample": shape.latent_hw[0] * shape.latent_hw[1] // 4 + shape.text_tokens, "rows": []}
-    plan = [dict(batch=b, checkpointing=c) for c in (True, False) for b in (1, 2)]
+    if rows == "preset":  # the L40S preset's step (bench/gpu_check.sh): batch 2, checkpointing on
+        plan = [dict(batch=2, checkpointing=True)]
+    else:
+        plan = [dict(batch=b, checkpointing=c) for c in (True, False) for b in (1, 2)]
     if rows == "all":
         backends = ["flash", "efficient", "cudnn"] if device.type == "cuda" else ["math"]
         plan += [dict(batch=1, checkpointing=True, sdpa=s) for s in backends]
@@ -373,9 +399,12 @@ def run(shape: Shape, device: torch.device, rows: str, steps: int, warmup: int, 
         plan += [dict(batch=1, checkpointing=True, keep_blocks=keep_blocks_for(shape, 1, gpu, device))]
     for spec in plan:
         row = add_plan(time_row(shape, device, dtype, steps=steps, warmup=warmup, **spec), shape, gpu)
+        if fake and not shape.tiny and not row.get("error") and set(spec) == {"batch", "checkpointing"}:
+            add_fake(row)
         result["rows"].append(row)
         log(format_row(row))
-    for lever in (TRYON_LEVERS if rows == "all" else ["none"]) if tryon_steps else []:
+    levers = list(TRYON_LEVERS) if rows == "all" else (["none", "first_block"] if rows == "preset" else ["none"])
+    for lever in levers if tryon_steps else []:
         t = time_tryon(shape, device, dtype, tryon_steps, lever)
         result.setdefault("tryon", []).append(t)
         log(f"try-on {lever:11s} {t['steps']} steps: {t['seconds']:.2f} s ({t['sec_per_step']:.3f} s/step, "
@@ -396,6 +425,8 @@ def format_row(r: dict) -> str:
         extra = f"  MFU {100 * r['mfu']:.1f}%  HFU {100 * r['hfu']:.1f}%"
     if "prediction_error" in r:
         extra += f"  planner error {100 * r['prediction_error']:+.1f}%"
+    if "fake_error" in r:
+        extra += f"  fake-tensor peak {r['fake_tensor_peak_bytes'] / 1e9:.2f} GB ({100 * r['fake_error']:+.1f}%)"
     return (f"{head} {r['sec_per_sample']:.3f} s/sample  peak {r['peak_bytes'] / 1e9:.2f} GB  "
             f"loss {r['loss']:.3f}{extra}")
 
@@ -404,7 +435,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="a tiny transformer and canvas (CPU test of this code)")
-    p.add_argument("--rows", choices=["base", "all"], default="all", help="base: batch 1/2 x checkpointing; all: + levers")
+    p.add_argument("--rows", choices=["preset", "base", "all"], default="all",
+                   help="preset: the L40S preset's step (batch 2, checkpointing) and try-on with and without the "
+                        "first-block cache; base: batch 1/2 x checkpointing; all: + levers")
+    p.add_argument("--fake", action="store_true",
+                   help="beside each base row, the dry run's fake-tensor peak of the same step (CPU, ~1 min a row)")
     p.add_argument("--steps", type=int, default=5, help="timed optimizer steps a row (median)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--tryon-steps", type=int, default=28)
@@ -419,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = TINY if a.tiny else FULL
     print(f"device: {gpu_name(device)}; canvas 2 x {shape.half_width}x{shape.half_height}, "
           f"{shape.latent_hw[0] * shape.latent_hw[1] // 4} image + {shape.text_tokens} text tokens")
-    result = run(shape, device, a.rows, a.steps, a.warmup, None if a.no_tryon else a.tryon_steps)
+    result = run(shape, device, a.rows, a.steps, a.warmup, None if a.no_tryon else a.tryon_steps, fake=a.fake)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(result, indent=2) + "\n")

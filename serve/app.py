@@ -21,6 +21,10 @@ at most ``max_queued_requests`` of the model's requests waiting; beyond that Ser
 ``BackPressureError`` at once and the client gets 503 with ``Retry-After`` instead of a queue
 that grows without bound. Everything that decides a picture is library code
 (:mod:`catvton.infer.serving`), the same as evaluation's.
+
+The module is long because it is the one place the HTTP API meets Ray Serve: the FastAPI routes
+and their errors (testable without Ray through ``create_api``), the two deployments, and the
+application builder that reserves the model's GPU; splitting it would split one request's path.
 """
 
 from __future__ import annotations

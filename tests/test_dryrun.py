@@ -20,7 +20,10 @@ import pytest
 import torch
 
 from catvton.config import load_config
+from catvton.model.skeleton import write_skeleton
 from catvton.train import dryrun
+from catvton.train.full_size import dry_config, text_embeds
+from catvton.train.measure import measure_step
 from catvton.train.planner import plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +61,8 @@ def _planted_copy(tmp_path: Path, module: str, anchor: str, line: str) -> tuple[
     path = tmp_path / module
     lines = path.read_text().splitlines()
     at = next(i for i, text in enumerate(lines) if anchor in text)
-    indent = lines[at + 1][: len(lines[at + 1]) - len(lines[at + 1].lstrip())]
+    indent = lines[at][: len(lines[at]) - len(lines[at].lstrip())] if "def " not in lines[at] else \
+        lines[at + 1][: len(lines[at + 1]) - len(lines[at + 1].lstrip())]
     lines.insert(at + 1, indent + line)
     path.write_text("\n".join(lines) + "\n")
     return tmp_path, at + 2
@@ -68,7 +72,7 @@ def _planted_copy(tmp_path: Path, module: str, anchor: str, line: str) -> tuple[
     # the example: a CPU tensor in the noising of every step
     ("catvton/train/flow.py", "def add_noise(", "x0 = x0 * torch.ones(1, 1, 1)"),
     # a CPU tensor in the serving path only (the sample grid and the Serve replica's fill)
-    ("catvton/infer/tryon.py", "def fill_canvases(", "torch.ones(1, 1, 1) * self.prompt_embeds"),
+    ("catvton/infer/tryon.py", "n, h, w2, _ = canvases.shape", "torch.ones(1, 1, 1) * self.prompt_embeds"),
 ])
 def test_a_cpu_tensor_planted_in_the_job_stops_the_dry_run_at_its_line(tmp_path, module, anchor, planted):
     copy, line = _planted_copy(tmp_path, module, anchor, planted)
@@ -84,14 +88,14 @@ def test_a_cpu_tensor_planted_in_the_job_stops_the_dry_run_at_its_line(tmp_path,
 @pytest.fixture(scope="module")
 def skeleton(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dry")
-    base = dryrun.write_skeleton(tmp / "flux-fill", (1, 1))
-    return dryrun.dry_config(load_config(L40S), base, tmp), base
+    base = write_skeleton(tmp / "flux-fill", (1, 1))
+    return dry_config(load_config(L40S), base, tmp), base
 
 
 def test_the_fake_step_counts_the_models_bytes_and_the_planners_flops(skeleton):
     cfg, base = skeleton
     # two micro-batches: the second runs with the first's gradients resident, as every step but the first
-    row = dryrun.measure_step(cfg, batch=1, rank=16, checkpointing=True, accum=2)
+    row = measure_step(cfg, batch=1, rank=16, checkpointing=True, accum=2)
     from catvton.model.loading import weightless
     from catvton.train.engine import build_transformer
 
@@ -107,7 +111,7 @@ def test_the_fake_step_counts_the_models_bytes_and_the_planners_flops(skeleton):
     planned = 2 * (p.flops_forward + p.flops_backward + p.flops_recompute)  # two micro-batches
     assert abs(row.flops / planned - 1) < 0.10, (row.flops, planned)
     # without checkpointing the step recomputes nothing: the forward's FLOPs fewer
-    off = dryrun.measure_step(cfg, batch=1, rank=16, checkpointing=False, accum=2)
+    off = measure_step(cfg, batch=1, rank=16, checkpointing=False, accum=2)
     assert abs((row.flops - off.flops) / (2 * p.flops_forward) - 1) < 0.10
 
 
@@ -122,6 +126,6 @@ def test_rank0s_sample_grid_decodes_one_image_at_a_time_on_a_gpu(skeleton):
     g = torch.Generator().manual_seed(0)
     with weightless():
         model = build_transformer(cfg, torch.device("meta"), torch.bfloat16)
-        tryon = TryOn.from_parts(cfg, model, dryrun.text_embeds(cfg, g, 4096, 768))
+        tryon = TryOn.from_parts(cfg, model, text_embeds(cfg, g, 4096, 768))
     assert tryon.pipe.vae.use_slicing
     assert tryon.prompt_embeds.device.type == "meta" and tryon.prompt_embeds.dtype == torch.bfloat16

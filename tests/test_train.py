@@ -103,27 +103,6 @@ def small_cache(tmp_path_factory, ray_session):
 
 
 @pytest.mark.ray
-def test_two_cpu_workers_hold_identical_lora_weights_after_ddp_steps(tmp_path, small_cache):
-    from catvton.train.job import checkpoint_state, fit
-
-    cfg = small_cfg(tmp_path, "train.num_workers=2", "train.max_steps=2", "train.checkpoint_every=2",
-                    "train.val_every=2", "train.val_batches=1", "run.name=ddp")
-    train_hooks.by_value()
-    outcome = fit(cfg, small_cache, worker_hooks=train_hooks.DumpWeights(tmp_path / "dump"))
-    r0, r1 = (torch.load(tmp_path / "dump" / f"rank{r}.pt") for r in (0, 1))
-    assert r0.keys() == r1.keys() and len(r0) > 0
-    for k in r0:
-        assert torch.equal(r0[k], r1[k]), k
-    b = [v for k, v in r0.items() if "lora_B" in k]
-    assert b and max(float(v.abs().max()) for v in b) > 0, "the LoRA moved from its zero init"
-    assert outcome.metrics["step"] == 2
-    assert (outcome.weights_dir / artifacts.LORA_WEIGHTS).is_file()
-    # the job chose how to read the split by itself (a small split is held) and says why
-    assert outcome.read == "materialize"
-    assert (outcome.run_dir / artifacts.READ_MODE).read_text().startswith("materialize: ")
-
-
-@pytest.mark.ray
 def test_sample_grids_use_the_cached_prompt_no_text_encoder_in_a_worker(tmp_path, small_cache):
     """A checkpoint draws a sample grid on rank 0 from the cache's prompt embeddings: building
     T5-XXL there would put ~9.5 GB on the training GPU (issue 11, item 4)."""

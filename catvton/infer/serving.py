@@ -25,6 +25,11 @@ Settings whose model needs a GPU wherever it is placed (:func:`wants_gpu`: ``dev
 ``auto`` with a GPU preset, ``train.use_gpu`` in the model config, such as ``configs/l40s.yaml``)
 make the Serve app reserve ``num_gpus: 1`` for the model deployment; and a replica that would put
 its model on CUDA without a GPU of its own refuses to load, naming the fix.
+
+The module is long because it is the whole replica without the server, in the order a replica
+meets it: its settings and their checks, where the model may run (a GPU only when Ray reserved
+one), loading, one request's passes, and outfits; the Serve app, the evaluation and the catalogue
+job share every line of it.
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ def load_val_batches(cache: Path, manifest: dict, cfg: Config, device) -> list[d
     if not files:
         return []
     chosen = choose_val_rows([f.read(columns=VAL_ORDER) for f in files], cfg.train.val_batches * cfg.train.batch_size)
-    table = read_rows(files, chosen, VAL_COLUMNS)
+    table = read_kept_rows(files, chosen, VAL_COLUMNS)
     columns = {c: table.column(c).to_numpy(zero_copy_only=False) for c in VAL_COLUMNS}
     batches = []
     for i in range(0, len(chosen), cfg.train.batch_size):
@@ -83,7 +83,7 @@ def choose_val_rows(keys: list, n: int) -> list[tuple[int, int]]:
     return [(int(f), int(r)) for f, r in zip(kept["file"], kept["row"])]
 
 
-def read_rows(files: list, rows: list[tuple[int, int]], columns: list[str]):
+def read_kept_rows(files: list, rows: list[tuple[int, int]], columns: list[str]):
     """The ``(file, row)`` ``rows`` of ``files`` (``pyarrow.parquet.ParquetFile``), in that order,
     as one pyarrow table. Parquet reads whole row groups: only those that hold one of ``rows`` are
     read (the cache build writes one per encoded block, a few rows of each split), one at a time."""
