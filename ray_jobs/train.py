@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cfg = config_or_exit(args.config, args.set)
 
+    from catvton.config import ConfigError
     from catvton.offline import resolve
     from catvton.ray_utils import init_ray
     from catvton.train.checkpoint import ResumeRefused
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with source_errors_exit():  # no network, a missing or unreadable shard: a short message, exit code 2
             outcome = run_job(cfg, num_encoders=args.encoders, progress=True)
-    except ResumeRefused as e:
+    except (ResumeRefused, ConfigError) as e:  # ConfigError: e.g. relative run folders on several nodes
         print(f"error: {e}", file=sys.stderr)
         return 2
     print("\n== training finished ==")

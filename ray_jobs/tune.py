@@ -68,7 +68,11 @@ def main(argv: list[str] | None = None) -> int:
 
     init_ray()
     cfg = resolve(cfg)  # offline names -> cached folders, built once
-    out = run_sweep(cfg, num_encoders=args.encoders, resume=bool(args.resume))
+    try:
+        out = run_sweep(cfg, num_encoders=args.encoders, resume=bool(args.resume))
+    except ConfigError as e:  # e.g. relative run folders where trials run on other nodes
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     metric = cfg.tune.metric
     print("\n== sweep finished ==")
     print(f"{'trial':44s} {'lr':>9s} {'rank':>4s} {'steps':>5s} {metric:>10s}  status")

@@ -228,7 +228,9 @@ class TuneConfig:
     reduction_factor: int = 2
     """ASHA keeps the best 1/reduction_factor of the trials at each rung."""
     max_concurrent_trials: int = 0
-    """Trials at once; 0 derives it from the cluster (GPUs / workers per trial, or spare CPUs)."""
+    """Trials at once; 0 derives it (``catvton.train.sweep.sweep_concurrency``): spare CPUs on CPU
+    workers; on GPU workers what the autoscaler declares, else every trial (trials that do not fit
+    wait and ask the autoscaler for nodes)."""
 
 
 @dataclass

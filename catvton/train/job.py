@@ -297,6 +297,7 @@ def run_job(cfg: Config, num_encoders: int = 1, log: Callable[[str], None] = pri
     """The whole job on a running Ray: build or reuse the latent cache, fit (``progress``: draw
     the progress bar, see :func:`fit`). ``cfg`` names concrete models (entry points pass offline
     names through :func:`catvton.offline.resolve`)."""
+    require_shared_storage(cfg)  # before the cache build: a refused GPU job reads no data
     warning = ephemeral_paths_warning(cfg)
     if warning:
         log(warning)
