@@ -94,6 +94,7 @@ def skeleton(tmp_path_factory):
     return dry_config(load_config(L40S), base, tmp), base
 
 
+@pytest.mark.slow  # four fake full-width steps, ~1 min (default tier budget)
 def test_the_fake_step_counts_the_models_bytes_and_the_planners_flops(skeleton):
     cfg, base = skeleton
     # two micro-batches: the second runs with the first's gradients resident, as every step but the first

@@ -363,6 +363,7 @@ def attempts(records: Path, rank: int) -> list[dict[int, str]]:
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # one 2-worker fit with a killed rank and its restart: ~1-2 min (default tier budget)
 def test_after_a_resume_each_rank_draws_its_own_noise_as_an_uninterrupted_run_would(two_ranks_resumed):
     """2 gloo workers, resume: the ranks' noise differs from each other and equals an uninterrupted
     run's. Every rank's noise generator state is saved; a checkpoint kept rank 0's alone and every
@@ -378,6 +379,7 @@ def test_after_a_resume_each_rank_draws_its_own_noise_as_an_uninterrupted_run_wo
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # one 2-worker fit with a killed rank and its restart: ~1-2 min (default tier budget)
 def test_ddp_skips_its_start_up_broadcast_and_the_ranks_stay_identical(two_ranks_resumed):
     """Every rank loads the same files and seeds the LoRA's init with train.seed: DDP's start-up
     broadcast of every parameter (~24 GB at full size, at every start and restart) copied rank 0's
