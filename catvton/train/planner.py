@@ -22,9 +22,8 @@ Memory model (per worker, transformer only)
         of the bf16 weights (mixed precision keeps an fp32 master copy; fp32 weights are that
         copy: 4 B less); nothing is sharded.
     ``activations``  measured on FLUX (3072 wide, bf16, LoRA attention+ff) per token, linear in
-        sequence length: ~124 KB a double block, ~118 KB a single block, plus ~80 KB a block where
-        an fp32 LoRA sits on a bf16 base (peft keeps each LoRA layer's input cast to fp32; measured
-        under fake tensors by ``python -m catvton.train.dryrun``, docs/PERFORMANCE.md). Other widths: scaled by
+        sequence length: ~124 / ~118 KB a double / single block, +80 KB (an fp32 LoRA's inputs) on a
+        bf16 base, measured by ``python -m catvton.train.dryrun``. Other widths: scaled by
         width / 3072 (a block saves a few width-sized vectors a token; the fused attention
         kernels, on CPU too, keep no seq x seq matrix), fp32 by 2, plus r values a token for
         each LoRA-wrapped linear's bottleneck (0.15% at FLUX width, 1/8 of the tiny model at
@@ -72,9 +71,9 @@ import torch
 from catvton.config import Config, load_config
 from catvton.model.loading import BaseModelError, _local_path, _override_config, resolve_base
 from catvton.model.lora import TARGET_PRESETS, count_lora_params, target_regex
+from catvton.model.skeleton import FLUX_FILL_TRANSFORMER
 
-GB = 1e9
-TFLOP = 1e12
+GB, TFLOP = 1e9, 1e12
 
 TEXT_TOKENS = 512
 """T5 tokens a sample (FLUX.1-Fill-dev's ``max_sequence_length``)."""
@@ -83,12 +82,7 @@ ACT_BYTES_PER_TOKEN_DOUBLE = 124e3
 """Saved activations a token a double block, bf16 with LoRA (measured at FLUX width)."""
 ACT_BYTES_PER_TOKEN_SINGLE = 118e3
 """Saved activations a token a single block, bf16 with LoRA (measured at FLUX width)."""
-LORA_FP32_INPUT_BYTES_PER_TOKEN = 80e3
-"""What a block (double or single) keeps on top when a bf16 base carries an fp32 LoRA, as this
-project trains it: peft casts each LoRA layer's input to float32 and keeps that copy for the
-backward. Measured at FLUX width under fake tensors (``python -m catvton.train.dryrun``; 1 and 2
-blocks of each kind, no checkpointing): 191 / 185 KB a token a double / single block in bf16 against
-222 / 210 KB in fp32, where nothing is cast (half: ~111 / ~105 KB), so ~80 KB is the cast."""
+LORA_FP32_INPUT_BYTES_PER_TOKEN = 80e3  # a token a block, fp32 LoRA on a bf16 base: peft's fp32 input copies
 CONTEXT_BYTES = 3e9
 """CUDA context, workspaces and allocator slack (GPU only)."""
 PRECISION_BYTES = {"bf16": 2, "fp32": 4}
@@ -97,10 +91,7 @@ STATE_BYTES = {"adamw": 16, "adamw8bit": 10}
 """Bytes a trainable parameter: fp32 param + fp32 grad + two optimizer states (fp32 or 8-bit)."""
 
 FLUX_FILL_DEV = "black-forest-labs/FLUX.1-Fill-dev"
-FULL_SIZE_CONFIG = dict(in_channels=384, out_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
-                        guidance_embeds=True, axes_dims_rope=(16, 56, 56))
-"""FLUX.1-Fill-dev's ``transformer/config.json`` (the hub's), built in: planning needs no download."""
+FULL_SIZE_CONFIG = FLUX_FILL_TRANSFORMER  # the hub's transformer/config.json, built in: no download
 
 
 @dataclass(frozen=True)
@@ -330,9 +321,8 @@ def plan(half_width: int, half_height: int, batch_size: int, rank: int, targets:
     state = params_trainable * (STATE_BYTES[optimizer] - (4 if not lora and precision == "fp32" else 0))
     scale = hidden / FLUX_WIDTH * elem / 2  # the measured bf16 FLUX figures, at this width and precision
     act_double, act_single = ACT_BYTES_PER_TOKEN_DOUBLE * scale, ACT_BYTES_PER_TOKEN_SINGLE * scale
-    if lora and precision != "fp32":  # the LoRA stays fp32: its inputs are cast and kept
-        act_double += LORA_FP32_INPUT_BYTES_PER_TOKEN * hidden / FLUX_WIDTH
-        act_single += LORA_FP32_INPUT_BYTES_PER_TOKEN * hidden / FLUX_WIDTH
+    cast = LORA_FP32_INPUT_BYTES_PER_TOKEN * hidden / FLUX_WIDTH if lora and precision != "fp32" else 0.0
+    act_double, act_single = act_double + cast, act_single + cast  # the fp32 LoRA's inputs, cast and kept
     # each LoRA-wrapped linear also saves its rank-r bottleneck, r values a token it sees
     lora_act = sum(rank * elem * _tokens_through(n, image, text_tokens)
                    for n, _, _ in _linears(model.config_json) if lora and rx.fullmatch(n))
