@@ -2,18 +2,56 @@ from pathlib import Path
 
 import pytest
 
-from catvton.config import Config, ConfigError, config_from_dict, describe, load_config
+from catvton.config import ConfigError, config_from_dict, describe, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def yaml_leaves(mapping: dict, prefix: str = "") -> dict[str, object]:
+    """``{"section.field": value}`` for every value a YAML mapping sets (nested sections flattened)."""
+    out: dict[str, object] = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            out.update(yaml_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def as_loaded(value: object, loaded: object) -> object:
+    """The YAML ``value`` as the config holds it: PyYAML reads ``5e-5`` (no dot) as a string and
+    ``2`` as an int, a float field holds a float."""
+    if isinstance(loaded, float) and not isinstance(value, bool):
+        return float(value)  # type: ignore[arg-type]
+    if isinstance(loaded, list) and isinstance(value, list):
+        return [as_loaded(v, x) for v, x in zip(value, loaded)]
+    return value
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
-    from catvton.config.rehearsal import REHEARSAL, rehearsal_config
+    import yaml
+
+    from catvton.config.rehearsal import PRODUCTION, REHEARSAL, rehearsal_config
 
     # configs/rehearsal.yaml is an override list on top of l40s.yaml, not a preset of its own
     cfg = rehearsal_config() if path == REHEARSAL else load_config(path)
-    assert isinstance(cfg, Config)
+    # every value the file sets is the loaded config's (read here with PyYAML alone, not the loader)
+    if path == REHEARSAL:
+        expected = yaml_leaves(yaml.safe_load(PRODUCTION.read_text()))
+        for item in yaml.safe_load(path.read_text())["overrides"]:
+            key, raw = item.split("=", 1)
+            expected[key] = yaml.safe_load(raw)
+    else:
+        expected = yaml_leaves(yaml.safe_load(path.read_text()))
+    assert len(expected) >= 10, expected  # a preset, not an empty file
+    loaded = {}
+    for key in expected:
+        node = cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+        loaded[key] = node
+    assert {k: as_loaded(v, loaded[k]) for k, v in expected.items()} == loaded
     first = path.read_text().splitlines()[0]
     assert first.startswith("#"), "a config file starts with what it is for"
     assert "python " in path.read_text(), "a config file names the command that runs it"
