@@ -20,6 +20,20 @@ the photo; flat and zoom views (no whole person) are not measured either.
 Per measured row (:class:`Placement`), heights are fractions of the person's height, from the
 top of the silhouette (0) to its bottom (1; the image's bottom when the legs are cut off); the
 body's upper and lower halves are the silhouette above and below its mid-height.
+
+**Legs are judged only where the whole person is in the photo.** On a full-length photo the lower
+half of the silhouette is the legs, and an upper-body mask that covers much of it is an
+all-clothing mask. On a photo that cuts the person off at the bottom (from the head to the waist or
+to the thighs, common for tops) the lower half is torso, or torso and thighs, and a correct top
+mask covers it. A row whose silhouette touches the photo's bottom edge (:data:`BOTTOM_EDGE`) is
+*cut off*: its ``lower_cover`` is not measured (-1), and the legs check of the upper group counts
+it as not judged, with that reason, instead of as a pass or a fail. The other checks still use
+cut-off rows: a whole-person mask covers the whole silhouette from the top of the head on any crop
+(:data:`WHOLE_PERSON_TOP`: a long-sleeved top on a waist-up photo covers 85% of it too, but starts
+below the head), and a lower-body mask that reaches up over the upper half covers the torso on a
+waist-up or thigh-up photo as well. The rule
+does not tell a thigh-up photo from a waist-up one (both reach the edge): on thigh-up photos an
+all-clothing mask is only caught through the group's full-length rows, or its lower-body masks.
 """
 
 from __future__ import annotations
@@ -36,15 +50,25 @@ BG_TOLERANCE = 12
 """A pixel whose every channel is within this of the border colour is background."""
 UNMEASURED_VIEWS = ("flat", "zoom")
 """Views that show no whole person: their masks say nothing about what is marked on one."""
+BOTTOM_EDGE = 0.015
+"""A silhouette that ends within this share of the photo's height from its bottom edge touches it:
+the person is cut off by the frame (two pixel rows at the measuring size, so that a JPEG-blurred or
+dark last row is not taken for a gap under the feet)."""
 MIN_ROWS = 5
 """A group with fewer measured rows is reported but not judged."""
 
 WHOLE_PERSON_COVER = 0.85
-"""Median share of the silhouette under the mask above which a group's masks are whole-person masks."""
+"""Median share of the silhouette under the mask above which a group's masks are whole-person
+masks (when they also reach the head: :data:`WHOLE_PERSON_TOP`)."""
+WHOLE_PERSON_TOP = 0.10
+"""Median mask top (fraction of the person's height) at or above which masks reach the head: a
+whole-person mask starts at 0, a correct top below the neck (about 0.15 full-length, 0.25 and more
+waist-up, where a long-sleeved top can cover 85% of the silhouette)."""
 TORSO_COVER = 0.40
 """Median share of the upper body under *lower-body* masks above which they cover the torso."""
 LEGS_COVER = 0.40
-"""Median share of the lower body under *upper-body* masks above which they cover the legs."""
+"""Median share of the lower body under *upper-body* masks above which they cover the legs, over
+the rows that show the whole person (not cut off at the bottom: see the module docstring)."""
 
 FIELDS = ("mask_top", "mask_bottom", "upper_cover", "lower_cover", "person_cover", "mask_outside")
 
@@ -60,7 +84,9 @@ class Placement:
     upper_cover: float
     """Share of the silhouette's upper half under the mask (head, arms and torso above mid-height)."""
     lower_cover: float
-    """Share of the silhouette's lower half under the mask."""
+    """Share of the silhouette's lower half (the legs) under the mask; -1 (not measured) when the
+    silhouette touches the photo's bottom edge: a person cut off by the frame, whose lower half
+    may be torso (see the module docstring)."""
     person_cover: float
     """Share of the whole silhouette under the mask."""
     mask_outside: float
@@ -123,9 +149,10 @@ def measure(photo: np.ndarray, mask: np.ndarray) -> Placement | None:
         n = part.sum()
         return float((on & part).sum() / n) if n else 0.0
 
+    cut_off = bottom > (1 - BOTTOM_EDGE) * person.shape[0]  # the silhouette touches the photo's bottom edge
     return Placement(mask_top=(int(mys[0]) - top) / height, mask_bottom=(int(mys[-1]) + 1 - top) / height,
-                     upper_cover=share(upper), lower_cover=share(lower), person_cover=share(person),
-                     mask_outside=outside)
+                     upper_cover=share(upper), lower_cover=-1.0 if cut_off else share(lower),
+                     person_cover=share(person), mask_outside=outside)
 
 
 def picture(photo: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
@@ -150,16 +177,20 @@ def _median(values: list[float]) -> float:
 
 
 def summarize_groups(rows: Sequence[Mapping[str, Any]], groups: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """Per group: rows measured and the medians (and p10/p90 of the extent) of the placement
-    fields over valid rows that carry them (``mask_top >= 0``)."""
+    """Per group: rows measured, of those how many show the whole person (``full_length``: the legs
+    measured) and how many are cut off at the bottom, and the medians (and p10/p90 of the extent) of
+    the placement fields over valid rows that carry them (``mask_top >= 0``; ``lower_cover`` over
+    the full-length rows only, None when there are none)."""
     out: dict[str, dict[str, Any]] = {}
     for g in groups:
         valid = [r for r in rows if r["valid"] and r["group"] == g and r.get("view") not in UNMEASURED_VIEWS]
         done = [r for r in valid if r.get("mask_top", -1.0) >= 0]
-        s: dict[str, Any] = {"rows": len(valid), "measured": len(done)}
+        legs = [r["lower_cover"] for r in done if r["lower_cover"] >= 0]
+        s: dict[str, Any] = {"rows": len(valid), "measured": len(done), "full_length": len(legs),
+                             "cut_off": len(done) - len(legs)}
         if done:
             for f in FIELDS:
-                s[f] = _median([r[f] for r in done])
+                s[f] = _median([r[f] for r in done]) if f != "lower_cover" else (_median(legs) if legs else None)
             for f in ("mask_top", "mask_bottom"):
                 p10, p90 = np.percentile([r[f] for r in done], [10, 90])
                 s[f"{f}_p10"], s[f"{f}_p90"] = round(float(p10), 3), round(float(p90), 3)
@@ -167,9 +198,27 @@ def summarize_groups(rows: Sequence[Mapping[str, Any]], groups: Sequence[str]) -
     return out
 
 
+def not_judged(summary: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """Per group whose legs check left rows out (only the upper group has one): why, with the
+    counts: the rows cut off by the photo's bottom edge, and whether enough full-length rows were
+    left to run the check."""
+    out = {}
+    for g, s in summary.items():
+        if g != "upper" or not s.get("cut_off"):
+            continue
+        out[g] = (f"legs not judged on {s['cut_off']} of {s['measured']} measured rows: the person touches the "
+                  "photo's bottom edge (cut off by the frame, e.g. waist-up or thigh-up), so the lower half of "
+                  "the silhouette need not be legs")
+        if s["full_length"] < MIN_ROWS:
+            out[g] += (f"; {s['full_length']} rows show the whole person, at least {MIN_ROWS} are needed: "
+                       "the legs check was not run")
+    return out
+
+
 def judge(summary: Mapping[str, Mapping[str, Any]]) -> dict[str, tuple[str, str]]:
     """Per group: ``(kind, why)``, kind one of ``garment`` (looks like the one garment),
-    ``whole-person``, ``all-clothing`` or ``unknown`` (too few rows measured)."""
+    ``whole-person``, ``all-clothing`` or ``unknown`` (too few rows measured). The upper group's legs
+    check runs on its full-length rows only (:func:`not_judged` says what it left out)."""
     out: dict[str, tuple[str, str]] = {}
     for g, s in summary.items():
         if s["measured"] < MIN_ROWS:
@@ -178,23 +227,31 @@ def judge(summary: Mapping[str, Mapping[str, Any]]) -> dict[str, tuple[str, str]
                                  f"at least {MIN_ROWS} are needed to judge")
             continue
         extent = f"from {s['mask_top']:.2f} to {s['mask_bottom']:.2f} of the person's height"
-        if s["person_cover"] >= WHOLE_PERSON_COVER:
+        if s["lower_cover"] is None:
+            on_legs = "the lower body not measured (every row is cut off at the bottom)"
+        else:
+            on_legs = f"{s['lower_cover']:.0%} of the lower body"
+            on_legs += f" (median over the {s['full_length']} full-length rows)" if s["cut_off"] else ""
+        legs = s["lower_cover"] is not None and s["full_length"] >= MIN_ROWS
+        if s["person_cover"] >= WHOLE_PERSON_COVER and s["mask_top"] <= WHOLE_PERSON_TOP:
             out[g] = ("whole-person", f"the median mask covers {s['person_cover']:.0%} of the person's silhouette, "
-                                      f"{extent}")
+                                      f"head included, {extent}")
         elif g == "lower" and s["upper_cover"] >= TORSO_COVER:
             out[g] = ("all-clothing", f"lower-body masks cover the torso: {s['upper_cover']:.0%} of the upper body "
                                       f"(median), {extent}")
-        elif g == "upper" and s["lower_cover"] >= LEGS_COVER:
-            out[g] = ("all-clothing", f"upper-body masks cover the legs: {s['lower_cover']:.0%} of the lower body "
-                                      f"(median), {extent}")
+        elif g == "upper" and legs and s["lower_cover"] >= LEGS_COVER:
+            out[g] = ("all-clothing", f"upper-body masks cover the legs: {on_legs} (median), {extent}")
         else:
-            out[g] = ("garment", f"median mask {extent}, {s['upper_cover']:.0%} of the upper and "
-                                 f"{s['lower_cover']:.0%} of the lower body")
+            out[g] = ("garment", f"median mask {extent}, {s['upper_cover']:.0%} of the upper body and {on_legs}")
+    for g, why in not_judged(summary).items():
+        if out[g][0] == "garment":  # the check that did not run could only have changed this verdict
+            out[g] = (out[g][0], f"{out[g][1]}; {why}")
     return out
 
 
 def suspicion(row: Mapping[str, Any], kind: str) -> float:
-    """How strongly one measured row shows ``kind`` (to pick the rows of a sample grid)."""
+    """How strongly one measured row shows ``kind`` (to pick the rows of a sample grid; a cut-off
+    row, whose legs are not measured, shows no all-clothing upper mask)."""
     if kind == "whole-person":
         return row["person_cover"]
     return row["upper_cover"] if row["group"] == "lower" else row["lower_cover"]
@@ -205,24 +262,32 @@ def markdown(summary: Mapping[str, Mapping[str, Any]], kinds: Mapping[str, tuple
     lines = ["## What the masks mark", "",
              "Where each row's mask lies on its person, per garment group (medians over the measured rows; "
              "heights as fractions of the person's height, 0 = top of the head, 1 = the soles).", "",
-             "| group | measured / rows | mask top (p10-p90) | mask bottom (p10-p90) | upper body covered "
-             "| lower body covered | person covered | mask outside silhouette | looks like |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| group | measured / rows | cut off at the bottom | mask top (p10-p90) | mask bottom (p10-p90) "
+             "| upper body covered | lower body covered (full-length rows) | person covered "
+             "| mask outside silhouette | looks like |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for g, s in summary.items():
         if not s["measured"]:
-            lines.append(f"| {g} | 0 / {s['rows']} | | | | | | | {kinds[g][0]} |")
+            lines.append(f"| {g} | 0 / {s['rows']} | | | | | | | | {kinds[g][0]} |")
             continue
+        lower = "not measured" if s["lower_cover"] is None else f"{s['lower_cover']:.2f}"
         lines.append(
-            f"| {g} | {s['measured']} / {s['rows']} | {s['mask_top']:.2f} ({s['mask_top_p10']:.2f}-{s['mask_top_p90']:.2f}) "
+            f"| {g} | {s['measured']} / {s['rows']} | {s['cut_off']} "
+            f"| {s['mask_top']:.2f} ({s['mask_top_p10']:.2f}-{s['mask_top_p90']:.2f}) "
             f"| {s['mask_bottom']:.2f} ({s['mask_bottom_p10']:.2f}-{s['mask_bottom_p90']:.2f}) | {s['upper_cover']:.2f} "
-            f"| {s['lower_cover']:.2f} | {s['person_cover']:.2f} | {s['mask_outside']:.2f} | {kinds[g][0]} |")
+            f"| {lower} | {s['person_cover']:.2f} | {s['mask_outside']:.2f} | {kinds[g][0]} |")
     lines += [""] + [f"- **{g}**: {kind} — {why}" for g, (kind, why) in kinds.items()]
     lines += ["", "Garment masks differ by group: upper-body masks end near mid-height, lower-body masks start "
               "there; the same extent in every group means the masks do not follow the garment. "
               f"A group is judged *whole-person* when its median mask covers {WHOLE_PERSON_COVER:.0%} of the "
-              f"silhouette or more, *all-clothing* when lower-body masks cover {TORSO_COVER:.0%} of the upper "
+              f"silhouette or more and starts at the head (median top {WHOLE_PERSON_TOP:.2f} or less), "
+              f"*all-clothing* when lower-body masks cover {TORSO_COVER:.0%} of the upper "
               f"body or upper-body masks {LEGS_COVER:.0%} of the lower body (on a dress all the clothing is the "
               "garment: full-body masks can only be told from whole-person ones).", "",
+              "Legs are judged only where they are in the photo: a row whose silhouette touches the photo's "
+              "bottom edge (*cut off at the bottom*: waist-up or thigh-up, where the lower half of the "
+              "silhouette is torso) has no lower-body share, and the upper group's legs check counts it as not "
+              f"judged; it runs on the full-length rows, at least {MIN_ROWS} of them.", "",
               "The silhouette is an estimate (the data has none): the pixels that differ from the photo's "
               f"border colour by more than {BG_TOLERANCE} on some channel, plus the mask, on a copy at most "
               f"{MEASURE_SIDE} pixels tall; rows with a busy background, and flat and zoom views, are not "

@@ -95,6 +95,7 @@ def build_report(rows: Sequence[Mapping[str, Any]], cfg: Config, source_name: st
         "mask_levels": dict(sorted(Counter(str(r["mask_levels"]) for r in valid).items())),
         "mask_placement": where,
         "mask_kinds": {g: {"kind": k, "why": why} for g, (k, why) in placement.judge(where).items()},
+        "mask_not_judged": placement.not_judged(where),
         "canvas": {"half_width": cfg.canvas.half_width, "half_height": cfg.canvas.half_height,
                    "person_fit": cfg.canvas.person_fit},
         "storage_estimate_bytes": int(storage),
