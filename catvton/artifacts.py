@@ -20,6 +20,7 @@ configuration as ``training_config.json``; see ``docs/release.md``.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -74,14 +75,16 @@ ALPHA_INFO = "alpha.json"
 """Marks a finished tiny alpha transformer folder."""
 
 # --- the synthetic dataset -------------------------------------------------------------------
-SYNTHETIC_VERSION = "v1"
-"""Bumped whenever the synthetic renderer changes, so cached sets of an older look are not reused."""
+SYNTHETIC_RENDERER = "catvton.offline.synthetic"
+"""The module that renders the synthetic set: its source (and what it imports) names the folder."""
 
 
 def synthetic_dir(root: str | Path, num_pids: int, image_size: int, seed: int) -> Path:
-    """``<root>/synthetic-<pids>-<size>-<seed>-v1``: the folder (hub layout, ``data/*.parquet``)
-    the offline writer builds and the data source reads for ``data.source: synthetic``."""
-    return Path(root) / f"synthetic-{num_pids}-{image_size}-{seed}-{SYNTHETIC_VERSION}"
+    """``<root>/synthetic-<pids>-<size>-<seed>-<source digest of the renderer>``: the folder (hub
+    layout, ``data/*.parquet``) the offline writer builds and the data source reads for
+    ``data.source: synthetic``. A changed renderer names a new folder, so a set of an older look
+    is never read."""
+    return Path(root) / f"synthetic-{num_pids}-{image_size}-{seed}-{source_digest(SYNTHETIC_RENDERER)}"
 
 
 # --- evaluation -------------------------------------------------------------------------------
@@ -98,6 +101,91 @@ def cache_root() -> Path:
 def content_hash(params: dict[str, Any]) -> str:
     """12 hex digits of the sha256 of ``params`` as sorted JSON: the cache key of a built folder."""
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# --- what the code that builds a folder is ----------------------------------------------------
+PACKAGE_ROOT = Path(__file__).resolve().parent
+"""The ``catvton`` package folder whose sources :func:`source_digest` reads."""
+
+
+def source_digest(*modules: str, root: str | Path | None = None) -> str:
+    """12 hex digits naming the source of ``modules`` (dotted ``catvton`` names) and of every
+    ``catvton`` module they import, directly or through others (imports in function bodies too).
+
+    Every cache key of a built folder includes the digest of its builder, so a change to any line
+    of code the builder runs (a comment too: the test that guards this edits one) names a new
+    folder and a stale one is never reused; no version string to forget to bump. The ``__init__``
+    of a package on the way is read too (import runs it), but what it imports is followed only
+    when a module imports a name from the package itself. ``root``: the package folder to read
+    (default :data:`PACKAGE_ROOT`; the key test points it at a scratch copy).
+    """
+    root = Path(root) if root is not None else PACKAGE_ROOT
+    return _source_digest(tuple(sorted(modules)), root.resolve())
+
+
+def source_files(*modules: str, root: str | Path | None = None) -> list[Path]:
+    """The files :func:`source_digest` reads for ``modules``, relative to the package folder."""
+    root = (Path(root) if root is not None else PACKAGE_ROOT).resolve()
+    return sorted(_import_closure(tuple(sorted(modules)), root))
+
+
+@functools.lru_cache(maxsize=None)
+def _source_digest(modules: tuple[str, ...], root: Path) -> str:
+    files = _import_closure(modules, root)
+    return content_hash({f.as_posix(): hashlib.sha256((root / f).read_bytes()).hexdigest() for f in files})
+
+
+def _import_closure(modules: tuple[str, ...], root: Path) -> set[Path]:
+    """Relative paths of the files of ``modules``, of the package modules they reach and of the
+    ``__init__`` files on the way."""
+    package = root.name
+    read: set[Path] = set()
+    followed: set[Path] = set()
+    todo = list(modules)
+    while todo:
+        parts = todo.pop().split(".")
+        if parts[0] != package:
+            continue
+        for depth in range(1, len(parts)):  # importing a.b.c runs a/__init__ and a/b/__init__
+            parent = _module_file(root, parts[1:depth])
+            if parent is not None:
+                read.add(parent)
+        file = _module_file(root, parts[1:])
+        if file is None:
+            raise FileNotFoundError(f"{'.'.join(parts)}: no such module under {root}")
+        if file not in followed:
+            read.add(file)
+            followed.add(file)
+            todo.extend(_imports(root, file))
+    return read
+
+
+def _module_file(root: Path, parts: list[str]) -> Path | None:
+    rel = Path(*parts) if parts else Path()
+    if (root / rel / "__init__.py").is_file():
+        return rel / "__init__.py"
+    if parts and (root / rel).with_suffix(".py").is_file():
+        return rel.with_suffix(".py")
+    return None
+
+
+def _imports(root: Path, file: Path) -> list[str]:
+    """Dotted names of the modules ``file`` imports: for ``from a import b``, ``a.b`` when it is a
+    module, else ``a`` (whose ``__init__`` defines ``b``). Relative imports are resolved."""
+    import ast
+
+    here = [root.name, *file.parent.parts]  # the package that holds the file
+    out = []
+    for node in ast.walk(ast.parse((root / file).read_bytes(), filename=str(file))):
+        if isinstance(node, ast.Import):
+            out.extend(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            prefix = here[: len(here) - node.level + 1] if node.level else []
+            base = ".".join(prefix + ([node.module] if node.module else []))
+            for alias in node.names:
+                sub = f"{base}.{alias.name}"
+                out.append(sub if _module_file(root, sub.split(".")[1:]) is not None else base)
+    return out
 
 
 def build_once(final: str | Path, build: Callable[[Path], Any], is_complete: Callable[[Path], bool],

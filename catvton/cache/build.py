@@ -49,21 +49,23 @@ from typing import Any, Callable
 
 import numpy as np
 
-from catvton.artifacts import MANIFEST, SAMPLES, TEXT_EMBEDS, TINY_BASE_INFO, build_once, cache_root, content_hash
+from catvton.artifacts import (MANIFEST, SAMPLES, TEXT_EMBEDS, TINY_BASE_INFO, build_once, cache_root, content_hash,
+                               source_digest, synthetic_dir)
 from catvton.cache.format import STATS_SPLIT, png_pixels, unpack_mask_bits
 from catvton.cache.parts import build_parts, default_num_parts, link_parts, pids_by_part, source_bytes, work_dir
 from catvton.cache.read import read_split
 from catvton.cache.stages import LatentEncoder, PairBuilder, encode_prompt_task
 from catvton.config import Config
 from catvton.data.pairs import SPLITS
-from catvton.data.source import read_rows, resolve_source
+from catvton.data.source import SYNTHETIC, read_rows, resolve_source
 from catvton.data.validate import RowValidator
 from catvton.model.loading import resolve_base
 from catvton.ray_utils import init_ray
 from catvton.schema import GROUPS
 
-CACHE_VERSION = "latents-v1"
-"""Bump when the cache layout or the encoding changes: it is part of the cache key."""
+BUILDER = "catvton.cache.build"
+"""The cache's builder: its source and every module it imports (reading, validation, pairing,
+canvas, masks, placement, the encode stages) are part of the cache key (:func:`catvton.artifacts.source_digest`)."""
 
 NUM_SAMPLES = 8
 """Fixed validation pairs kept in pixels for the sample grids drawn during training."""
@@ -83,12 +85,21 @@ def _base_identity(base: str) -> str:
     return str(path.resolve()) if path.exists() else base
 
 
+def _rows_identity(cfg: Config) -> str | None:
+    """The synthetic set's folder name (it carries its renderer's digest: re-rendered rows are other
+    rows); None for a hub id or a folder of the user's."""
+    if cfg.data.source != SYNTHETIC:
+        return None
+    return synthetic_dir("", cfg.data.synthetic_pids, cfg.data.synthetic_image_size, cfg.data.seed).name
+
+
 def cache_key(cfg: Config) -> str:
     """A short hash of everything that changes the cache's contents: ``cfg.data``,
     ``cfg.canvas``, ``cfg.mask``, the base (see :func:`_base_identity`), the prompt and its T5
-    length, and :data:`CACHE_VERSION`."""
+    length, and the builder's source (:data:`BUILDER`)."""
     d = cfg.to_dict()
-    picked = {"version": CACHE_VERSION, "data": d["data"], "canvas": d["canvas"], "mask": d["mask"],
+    picked = {"source": source_digest(BUILDER), "rows": _rows_identity(cfg),
+              "data": d["data"], "canvas": d["canvas"], "mask": d["mask"],
               "base": _base_identity(cfg.model.base), "prompt": cfg.model.prompt,
               "max_sequence_length": cfg.model.max_sequence_length}
     return content_hash(picked)
@@ -307,7 +318,7 @@ def _run(cfg: Config, out: Path, work: Path, num_parts: int | None, num_encoders
     H, W = cfg.canvas.half_height, cfg.canvas.half_width
     d = cfg.to_dict()
     manifest: dict[str, Any] = {
-        "version": CACHE_VERSION,
+        "source": source_digest(BUILDER),
         "cache_key": cache_key(cfg),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "source": source.name,

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from catvton.artifacts import ALPHA_INFO, build_once, cache_root, content_hash
+from catvton.artifacts import ALPHA_INFO, build_once, cache_root, content_hash, source_digest
 from catvton.cache.build import build_latent_cache
 from catvton.cache.read import load_manifest
 from catvton.config import Config, RunOptions, TrainConfig, config_from_dict
@@ -26,7 +26,10 @@ from catvton.offline import prebuilt
 from catvton.offline.synthetic import ensure_synthetic_dataset
 from catvton.train.plain import train_plain
 
-ALPHA_VERSION = "tiny-alpha-v2"  # v2: one synthetic set whatever the job's data; alpha.json lists its pairs
+BUILDER = "catvton.offline.alpha"
+"""The alpha's builder: its source and every module it imports (training step, loss, flow, plain loop,
+latent cache, masks, canvas, pairs) are part of its key (:func:`catvton.artifacts.source_digest`)."""
+
 ALPHA_STEPS = 2000
 """Full fine-tuning steps on upper-body pairs (about 2 CPU minutes at batch 8). Transfer grows
 with them: the own-vs-swapped garment margin on held-out tops was 0.8 dB after 500 steps, 1.6 dB
@@ -64,10 +67,18 @@ def alpha_key(cfg: Config) -> str:
     ``cfg.model.base`` must be the tiny base's folder (:func:`catvton.offline.resolve` does it)."""
     a = alpha_config(cfg)
     d = a.to_dict()
-    params = {"version": ALPHA_VERSION, "base": Path(resolve_base(cfg.model.base)).name, "steps": ALPHA_STEPS,
+    params = {"source": source_digest(BUILDER), "base": Path(resolve_base(cfg.model.base)).name, "steps": ALPHA_STEPS,
               "data": d["data"], "canvas": d["canvas"], "mask": d["mask"],
               "train": d["train"], "prompt": a.model.prompt, "seq": a.model.max_sequence_length}
     return f"tiny-alpha-{content_hash(params)}"
+
+
+def _drop_machine_path(config: Path) -> None:
+    """diffusers records the folder a model was loaded from (``_name_or_path``: here the base in this
+    machine's cache) in the config it saves; the alpha is shipped, so it names no machine's folder."""
+    d = json.loads(config.read_text())
+    d.pop("_name_or_path", None)
+    config.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
 
 
 def is_alpha(folder: Path) -> bool:
@@ -98,10 +109,11 @@ def ensure_tiny_alpha(cfg: Config, log: Callable[[str], None] = print) -> Path:
         cache = build_latent_cache(a)
         model, history = train_plain(a, cache, ALPHA_STEPS, log=log)
         model.save_pretrained(tmp)
+        _drop_machine_path(tmp / "config.json")
         first = sum(h["loss"] for h in history[:50]) / 50
         last = sum(h["loss"] for h in history[-50:]) / 50
         (tmp / ALPHA_INFO).write_text(json.dumps({
-            "version": ALPHA_VERSION, "steps": ALPHA_STEPS, "latent_cache": cache.name,
+            "source": source_digest(BUILDER), "steps": ALPHA_STEPS, "latent_cache": cache.name,
             "pairs": load_manifest(cache)["counts"]["train"],  # what it learnt from, kept with it when shipped
             "loss_first_50": first, "loss_last_50": last}, indent=2) + "\n")
         log(f"alpha trained: loss {first:.4f} -> {last:.4f}")

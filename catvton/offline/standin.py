@@ -27,8 +27,11 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from catvton.artifacts import SYNTHETIC_VERSION, build_once
+from catvton.artifacts import build_once, source_digest
 from catvton.schema import COLUMNS
+
+BUILDER = "catvton.offline.standin"
+"""This writer, named (not ``__name__``: ``python -m`` runs it as ``__main__``)."""
 
 REAL_ROWS = 40_658
 """Rows of ``SaffalPoosh/deepFashion-with-masks`` (its 4 train shards together)."""
@@ -56,7 +59,7 @@ def pid_row_starts(num_rows: int, seed: int) -> tuple[list[int], list[int]]:
 def standin_shard_names(num_rows: int, image_size: int, seed: int, num_shards: int) -> list[str]:
     """``train-0000k-of-0000n-<hash>.parquet``: the hub's names, hash suffix included (readers
     glob ``train-*.parquet``); the hash is of the build parameters."""
-    tag = hashlib.sha1(f"{num_rows}-{image_size}-{seed}-{SYNTHETIC_VERSION}".encode()).hexdigest()[:16]
+    tag = hashlib.sha1(f"{num_rows}-{image_size}-{seed}-{source_digest(BUILDER)}".encode()).hexdigest()[:16]
     return [f"train-{k:05d}-of-{num_shards:05d}-{tag}.parquet" for k in range(num_shards)]
 
 
@@ -157,8 +160,8 @@ def write_standin(folder: str | Path, num_rows: int = REAL_ROWS, image_size: int
 
 
 def standin_dir(root: str | Path, num_rows: int, image_size: int, seed: int) -> Path:
-    """``<root>/standin-<rows>-<size>-<seed>-jpeg-v1``."""
-    return Path(root) / f"standin-{num_rows}-{image_size}-{seed}-jpeg-{SYNTHETIC_VERSION}"
+    """``<root>/standin-<rows>-<size>-<seed>-jpeg-<source digest of this writer and the renderer>``."""
+    return Path(root) / f"standin-{num_rows}-{image_size}-{seed}-jpeg-{source_digest(BUILDER)}"
 
 
 def ensure_standin(root: str | Path, num_rows: int = REAL_ROWS, image_size: int = REAL_SIZE, seed: int = 0,

@@ -41,13 +41,10 @@ from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from catvton.artifacts import SYNTHETIC_VERSION, build_once, synthetic_dir
+from catvton.artifacts import build_once, synthetic_dir
 from catvton.schema import CLOTH_TYPE_GROUP, COLUMNS, IMAGE_COLUMNS, VIEW_NAMES, parse_pose
 
 RGB = tuple[int, int, int]
-
-DATASET_VERSION = SYNTHETIC_VERSION
-"""Bump :data:`catvton.artifacts.SYNTHETIC_VERSION` whenever rendering changes."""
 
 GENDERS = ("WOMEN", "MEN")
 

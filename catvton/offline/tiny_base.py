@@ -31,7 +31,6 @@ Build it (about 6 CPU minutes, mostly VAE training) or find the cached one::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -48,8 +47,8 @@ from catvton.offline.tiny_text import build_text_encoders
 from catvton.offline.tiny_vae import (CUTOUT_SIZE, MAX_EVAL_IMAGES, PHOTO_SIZE, SYNTHETIC_IMAGE_SIZE, VAE_STEPS,
                                       latent_statistics, new_vae, reconstruction_psnr, train_vae, vae_image_sets)
 
-TINY_BASE_VERSION = "tiny-flux-fill-v1"
-"""Bump when anything below changes what is built: it is part of the cache folder's hash."""
+BUILDER = "catvton.offline.tiny_base"
+"""The base's builder, named (not ``__name__``: ``python -m`` runs it as ``__main__``)."""
 
 BUILD_THREADS = 2
 """Torch threads of every build, whatever the caller uses: the weights depend on the thread count
@@ -181,7 +180,7 @@ def _build(out_dir: Path, seed: int, vae_steps: int, synthetic_pids: int, log: C
     pipe.save_pretrained(out_dir)
 
     info = {
-        "version": TINY_BASE_VERSION,
+        "source": builder_source_hash(),
         "seed": seed,
         "vae_steps": vae_steps,
         "synthetic_pids": synthetic_pids,
@@ -204,24 +203,18 @@ def _build(out_dir: Path, seed: int, vae_steps: int, synthetic_pids: int, log: C
     return info
 
 
-BUILDER_MODULES = ("tiny_base.py", "tiny_text.py", "tiny_vae.py", "synthetic.py")
-"""The modules whose code decides the base's weights (the VAE trains on synthetic rows)."""
-
-
 def builder_source_hash() -> str:
-    """A hash of the builder's own source: any change to how the base is built names a new folder,
-    so a stale build is never reused (no version to forget to bump)."""
-    here = Path(__file__).resolve().parent
-    return artifacts.content_hash({name: hashlib.sha256((here / name).read_bytes()).hexdigest()
-                                   for name in BUILDER_MODULES})
+    """The digest of the builder's source and of everything it imports (the VAE trains on synthetic
+    rows, so the renderer is in it): any change to how the base is built names a new folder, so a
+    stale build is never reused (no version to forget to bump)."""
+    return artifacts.source_digest(BUILDER)
 
 
 def tiny_base_key(seed: int = 0, vae_steps: int = VAE_STEPS, synthetic_pids: int = 120) -> str:
     """Cache folder name: ``tiny-base-<hash>`` of everything that decides the weights: the build
-    parameters, :data:`BUILD_THREADS`, the builder's source and the version. Not the caller's
+    parameters, :data:`BUILD_THREADS`, the builder's source (:func:`builder_source_hash`). Not the caller's
     thread count: the build does not depend on it."""
     params = {
-        "version": TINY_BASE_VERSION,
         "seed": seed,
         "vae_steps": vae_steps,
         "synthetic_pids": synthetic_pids,
