@@ -7,6 +7,7 @@ The rebuild itself (~10 CPU minutes) is ``python -m catvton.offline.ship --check
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -37,19 +38,52 @@ def test_the_preset_uses_the_shipped_base_and_alpha():
 
 def test_the_copied_base_is_the_built_one(tmp_path, monkeypatch):
     """The shipped base copied into an empty cache: its transformer re-made from the seed equals the
-    builder's random init tensor for tensor, and every shipped file arrives unchanged."""
+    builder's random init tensor for tensor, and every file has the digest ``ship --refresh``
+    recorded when it shipped the build (not merely the digest of the folder it was copied from)."""
     from catvton.model.loading import load_transformer
 
     monkeypatch.delenv("CATVTON_PREBUILT", raising=False)
     got = tiny.ensure_tiny_base(tmp_path, log=lambda _: None)
-    shipped = prebuilt.HERE / got.name
-    for f in shipped.rglob("*"):
-        if f.is_file():
-            assert (got / f.relative_to(shipped)).read_bytes() == f.read_bytes(), f
+    recorded = json.loads((prebuilt.HERE / got.name / prebuilt.DIGESTS).read_text())
+    copied = prebuilt.file_digests(got)
+    assert {k: copied[k] for k in recorded} == recorded
+    assert set(copied) - set(recorded) == {f.relative_to(got).as_posix() for f in (got / "transformer").rglob("*")
+                                           if f.is_file()}, "only the re-made transformer is not shipped"
     made = load_transformer(str(got), None).state_dict()
     built = tiny.new_transformer(0).state_dict()
     assert made.keys() == built.keys() and all(torch.equal(made[k], built[k]) for k in built)
-    assert ship.compare(shipped, got)["identical"]
+
+
+@pytest.mark.parametrize("damage", ["flip a byte of a tensor file", "edit a json", "delete a file", "add a file"])
+def test_a_damaged_shipped_folder_is_refused(tmp_path, monkeypatch, damage):
+    """The content check: a shipped folder is used only while every file has its recorded digest."""
+    alpha = next(f for f in prebuilt.folders() if f.name.startswith("tiny-alpha-"))
+    here = tmp_path / "prebuilt"
+    folder = here / alpha.name
+    shutil.copytree(alpha, folder)
+    monkeypatch.setattr(prebuilt, "HERE", here)
+    monkeypatch.delenv("CATVTON_PREBUILT", raising=False)
+    assert prebuilt.shipped(alpha.name) == folder  # the undamaged copy passes
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    if damage == "flip a byte of a tensor file":
+        data = bytearray(weights.read_bytes())
+        data[len(data) // 2] ^= 0x01  # one bit of one weight, deep inside the tensor data
+        weights.write_bytes(bytes(data))
+    elif damage == "edit a json":
+        (folder / "alpha.json").write_text((folder / "alpha.json").read_text().replace("2000", "2001"))
+    elif damage == "delete a file":
+        (folder / "config.json").unlink()
+    else:
+        (folder / "extra.safetensors").write_bytes(b"")
+    with pytest.raises(prebuilt.DamagedShippedModel, match="is not what was shipped") as err:
+        prebuilt.shipped(alpha.name)
+    assert "ship --refresh" in str(err.value)
+
+
+def test_every_shipped_folder_records_its_digests():
+    for folder in prebuilt.folders():
+        prebuilt.verify(folder)  # raises with the file names if not
+        assert any(k.endswith(".safetensors") for k in json.loads((folder / prebuilt.DIGESTS).read_text()))
 
 
 def _fake_shipped(here: Path, key: str) -> Path:
@@ -57,6 +91,7 @@ def _fake_shipped(here: Path, key: str) -> Path:
     folder.mkdir(parents=True)
     (folder / "model_index.json").write_text("{}")
     (folder / "tiny_base.json").write_text(json.dumps({"shipped": True}))
+    prebuilt.record_digests(folder)
     return folder
 
 
@@ -104,6 +139,7 @@ def _model(folder: Path, weight: torch.Tensor, info: dict) -> Path:
     (0.0, 0.200, True, True),      # bit for bit
     (1e-3, 0.206, False, True),    # other rounding, the same behaviour (3% < 5%)
     (1e-3, 0.220, False, False),   # a rebuild that trains to another loss
+    (0.5, 0.200, False, False),    # the same loss from other weights (rel. L2 0.85 > TENSOR_TOLERANCE)
 ])
 def test_the_rebuild_comparison(tmp_path, change, loss, identical, ok):
     w = torch.linspace(-1, 1, 64).reshape(8, 8)
@@ -112,7 +148,28 @@ def test_the_rebuild_comparison(tmp_path, change, loss, identical, ok):
     result = ship.compare(shipped, rebuilt)
     assert result["identical"] is identical and result["ok"] is ok
     assert result["max_abs_diff"] == pytest.approx(change, abs=1e-6)
+    assert result["max_rel_l2_diff"] == pytest.approx(change * 8 / float(w.norm()), rel=1e-4)
     assert result["figures"]["loss_last_50"]["rebuilt"] == loss
+
+
+@pytest.mark.parametrize("scale, ok", [(1.0 + 1e-4, True), (1.5, False)])
+def test_the_rebuild_comparison_judges_the_alpha_outputs(tmp_path, scale, ok):
+    """The shipped alpha against a copy whose output projection is scaled: its weights stay within
+    the tensor tolerance, but what it predicts on the fixed inputs is judged, and a 50% larger
+    output fails however close the training loss."""
+    from safetensors.torch import load_file
+
+    alpha = next(f for f in prebuilt.folders() if f.name.startswith("tiny-alpha-"))
+    rebuilt = tmp_path / "rebuilt"
+    shutil.copytree(alpha, rebuilt)
+    weights = load_file(str(alpha / "diffusion_pytorch_model.safetensors"))
+    weights = {k: v * scale if k.startswith("proj_out.") else v for k, v in weights.items()}
+    save_file(weights, str(rebuilt / "diffusion_pytorch_model.safetensors"))
+    result = ship.compare(alpha, rebuilt)
+    out = result["outputs"]["transformer"]
+    assert out["rel_l2_diff"] == pytest.approx(scale - 1, rel=0.05)
+    assert out["ok"] is ok and result["ok"] is ok
+    assert result["figures"]["loss_last_50"]["ok"], "the same alpha.json: only the outputs differ"
 
 
 @pytest.mark.slow
