@@ -81,6 +81,8 @@ def setup(
     typer.echo(f"rows: {report['rows_valid']} valid of {report['rows_total']}; bad: {json.dumps(report['bad_rows'])}")
     typer.echo(f"pairs (train/val/test x upper/lower/full): {json.dumps(report['pairs'])}")
     typer.echo("masks look like: " + ", ".join(f"{g} {k['kind']}" for g, k in report["mask_kinds"].items()))
+    for g, why in report["mask_not_judged"].items():
+        typer.echo(f"  {g}: {why}")
     typer.echo(f"ready: {report['ready']}")
     for r in report["reasons"]:
         typer.echo(f"  - {r}")

@@ -1,5 +1,7 @@
 """What the masks mark (issue 13, item 3): the setup report measures where each mask lies on its
-person and says plainly when masks look like whole-person or all-clothing masks.
+person and says plainly when masks look like whole-person or all-clothing masks; on photos that
+cut the person off at the waist or the thighs (issue 25, item 4) it judges the legs only where they
+are in the photo and counts the rest as not judged.
 
 Three planted kinds of mask on the same drawn people (a label map, so every kind is exact): the
 one garment of the row's cloth_type (correct), all the clothing the person wears, the whole
@@ -29,7 +31,7 @@ ITEMS = [("Tees_Tanks", TOP), ("Pants", BOTTOM), ("Dresses", DRESS), ("Shorts", 
 GARMENT_COLOURS = [(200, 30, 40), (30, 40, 90), (50, 140, 60), (236, 200, 40), (110, 50, 140), (28, 28, 32)]
 
 
-def draw_person(cloth_type: str, rng: np.random.Generator, size: int = 96) -> np.ndarray:
+def draw_person(cloth_type: str, rng: np.random.Generator, size: int = 96, long_sleeves: bool = False) -> np.ndarray:
     """A (size, size) uint8 label map: a standing person (head, arms, legs, shoes) in a top and
     trousers / shorts / a skirt, or in a dress; 0 is the background."""
     img = Image.new("L", (size, size), 0)
@@ -67,9 +69,27 @@ def draw_person(cloth_type: str, rng: np.random.Generator, size: int = 96) -> np
         box(-0.105, 0.50, -0.005, hem, BOTTOM)
         box(0.005, 0.50, 0.105, hem, BOTTOM)
     box(-0.115, 0.18, 0.115, 0.50, TOP)
-    box(-0.165, 0.19, -0.11, 0.30, TOP)                     # short sleeves
-    box(0.11, 0.19, 0.165, 0.30, TOP)
+    sleeve = 0.50 if long_sleeves else 0.30
+    box(-0.165, 0.19, -0.11, sleeve, TOP)                   # sleeves
+    box(0.11, 0.19, 0.165, sleeve, TOP)
     return np.asarray(img)
+
+
+CROPS = {"full-length": None, "thigh-up": 0.72, "waist-up": 0.52}
+"""Where the photo's bottom edge cuts the person, as a fraction of the person's height."""
+
+
+def framed(labels: np.ndarray, crop: str, size: int) -> np.ndarray:
+    """The (size, size) label map of a photo of the drawn person cut off at ``CROPS[crop]`` of its
+    height (a square window from just above the head, scaled to ``size``); full-length: as drawn."""
+    if CROPS[crop] is None:
+        return np.asarray(Image.fromarray(labels).resize((size, size), Image.NEAREST))
+    ys, xs = np.nonzero(labels)
+    top, h = ys.min(), ys.max() + 1 - ys.min()
+    y0, y1 = max(0, int(top - 0.04 * h)), int(top + CROPS[crop] * h)
+    cx, half = int(xs.mean()), (y1 - y0) // 2
+    window = labels[y0:y1, max(0, cx - half):cx + half]
+    return np.asarray(Image.fromarray(window).resize((size, size), Image.NEAREST))
 
 
 def colourize(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -85,14 +105,24 @@ def colourize(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(photo, 0, 255).astype(np.uint8)
 
 
-def planted_rows(kind: str, pids: int = 48, size: int = 96, seed: int = 0) -> list[dict]:
-    """Rows in the dataset schema, 3 views per pid; ``kind``: which mask every row carries."""
+VIEWS = ("1_front", "2_side", "3_back")
+
+
+def planted_rows(kind: str, pids: int = 48, size: int = 96, seed: int = 0,
+                 upper_crop: str | tuple[str, ...] = "full-length", long_sleeves: bool = False) -> list[dict]:
+    """Rows in the dataset schema, 3 views per pid; ``kind``: which mask every row carries;
+    ``upper_crop``: how the tops' photos frame the person (:data:`CROPS`), one for every view or
+    one per view of :data:`VIEWS`; the other garments are photographed full-length."""
+    crops = dict(zip(VIEWS, (upper_crop,) * 3 if isinstance(upper_crop, str) else upper_crop))
     rows = []
     for i in range(pids):
         cloth_type, item = ITEMS[i % len(ITEMS)]
-        for view in ("1_front", "2_side", "3_back"):
+        for view in VIEWS:
             rng = np.random.default_rng([seed, i, int(view[0])])
-            labels = draw_person(cloth_type, rng, size)
+            if item == TOP and crops[view] != "full-length":
+                labels = framed(draw_person(cloth_type, rng, 2 * size, long_sleeves), crops[view], size)
+            else:
+                labels = draw_person(cloth_type, rng, size, long_sleeves)
             mask = {"garment": labels == item, "all-clothing": np.isin(labels, CLOTHES),
                     "whole-person": labels > 0}[kind]
             photo = colourize(labels, rng)
@@ -182,6 +212,101 @@ def test_whole_person_masks_are_flagged_by_name(reports):
     assert any("group 'lower' masks look like whole-person masks" in b for b in r["blocking"])
 
 
+def mask_reasons(report: dict) -> list[str]:
+    """The verdict's findings about masks (the latent cache note names no mask finding)."""
+    return [x for x in report["reasons"] if "mask" in x and "latent cache" not in x]
+
+
+@pytest.fixture(scope="module")
+def cropped():
+    """Reports on sets whose tops are photographed cut off by the frame (issue 25, item 4): 8 top
+    pids, 24 rows; long sleeves, the hardest case for the whole-person rule."""
+    cfg = config()
+
+    def report(kind: str, crop) -> dict:
+        return build_report(validated(planted_rows(kind, pids=24, upper_crop=crop, long_sleeves=True), cfg), cfg, kind)
+
+    return {**{("garment", c): report("garment", c) for c in CROPS},
+            ("whole-person", "waist-up"): report("whole-person", "waist-up"),
+            ("all-clothing", "waist-up"): report("all-clothing", "waist-up"),
+            ("all-clothing", "mixed"): report("all-clothing", ("full-length", "waist-up", "thigh-up"))}
+
+
+def test_a_person_cut_off_by_the_frame_has_no_legs_share():
+    """The rectangle person of the first test, reaching the photo's bottom edge: its lower half may
+    be torso, so the lower-body share is not measured (-1); the rest is."""
+    photo = np.full((100, 60, 3), 240, np.uint8)
+    photo[10:, 20:40] = 100
+    mask = np.zeros((100, 60), bool)
+    mask[30:, 20:40] = True  # a top from the shoulders to the bottom edge: a waist-up photo
+    p = P.measure(photo, mask)
+    assert p.lower_cover == -1.0
+    assert (p.mask_top, p.mask_bottom, p.upper_cover, p.person_cover) == (pytest.approx(20 / 90), 1.0, 25 / 45, 70 / 90)
+    photo[99:], mask[99:] = 240, False  # a row of background under it: within BOTTOM_EDGE, still cut off
+    assert P.measure(photo, mask).lower_cover == -1.0
+    photo[95:], mask[95:] = 240, False  # five rows: the whole person is in the photo, its lower half is measured
+    assert P.measure(photo, mask).lower_cover == 1.0
+
+
+@pytest.mark.parametrize("crop", list(CROPS))
+def test_correct_upper_masks_pass_on_every_crop(cropped, crop):
+    r = cropped[("garment", crop)]
+    assert {g: k["kind"] for g, k in r["mask_kinds"].items()} == {"upper": "garment", "lower": "garment", "full": "garment"}
+    assert not mask_reasons(r), r["reasons"]
+    upper = r["mask_placement"]["upper"]
+    if crop == "full-length":
+        assert (upper["cut_off"], upper["full_length"]) == (0, 24) and r["mask_not_judged"] == {}
+        return
+    assert (upper["cut_off"], upper["full_length"], upper["lower_cover"]) == (24, 0, None)
+    if crop == "waist-up":
+        # the top reaches down to the bottom edge (the old mid-height split called that covering the
+        # legs), and a long-sleeved top covers over 85% of the silhouette, but below the head
+        assert upper["mask_bottom"] > 0.95
+        assert upper["person_cover"] > P.WHOLE_PERSON_COVER and upper["mask_top"] > 0.25
+    # not judged is said, with the count and the reason, not passed silently
+    why = r["mask_not_judged"]["upper"]
+    assert why.startswith("legs not judged on 24 of 24 measured rows: the person touches the photo's bottom edge")
+    assert "the legs check was not run" in why and why in r["mask_kinds"]["upper"]["why"]
+    assert "| upper | 24 / 24 | 24 |" in "\n".join(placement_markdown(r))
+    assert r["mask_placement"]["lower"]["cut_off"] == 0  # trousers and dresses photographed full-length
+
+
+def placement_markdown(report: dict) -> list[str]:
+    return P.markdown(report["mask_placement"], {g: (k["kind"], k["why"]) for g, k in report["mask_kinds"].items()})
+
+
+def test_whole_person_masks_on_waist_up_photos_are_still_flagged(cropped):
+    r = cropped[("whole-person", "waist-up")]
+    assert {k["kind"] for k in r["mask_kinds"].values()} == {"whole-person"}
+    assert r["mask_placement"]["upper"]["cut_off"] == 24 and r["mask_placement"]["upper"]["mask_top"] == 0.0
+    assert any("group 'upper' masks look like whole-person masks" in b and "head included" in b for b in r["blocking"])
+    assert not r["ready"]
+
+
+def test_all_clothing_masks_are_judged_on_the_full_length_rows_of_a_mixed_group(cropped):
+    """Front views full-length, side views waist-up, back views thigh-up: the legs check runs on the
+    8 front views, the 16 others are counted as not judged."""
+    r = cropped[("all-clothing", "mixed")]
+    upper = r["mask_placement"]["upper"]
+    assert (upper["full_length"], upper["cut_off"]) == (8, 16) and upper["lower_cover"] > 0.8
+    assert r["mask_kinds"]["upper"]["kind"] == "all-clothing"
+    assert r["mask_not_judged"]["upper"].startswith("legs not judged on 16 of 24 measured rows")
+    assert any("group 'upper' masks look like all-clothing masks" in b and "cover the legs" in b
+               and "median over the 8 full-length rows" in b for b in r["blocking"]), r["blocking"]
+    assert not r["ready"]
+
+
+def test_all_clothing_tops_on_cropped_photos_are_reported_not_judged(cropped):
+    """Every top cut off at the waist: the legs cannot be seen, so the upper group's legs check is
+    reported as not run, not as a pass; the lower group's all-clothing masks still block."""
+    r = cropped[("all-clothing", "waist-up")]
+    assert r["mask_kinds"]["upper"]["kind"] == "garment"
+    assert "the legs check was not run" in r["mask_not_judged"]["upper"]
+    assert "the lower body not measured" in r["mask_kinds"]["upper"]["why"]
+    assert r["mask_kinds"]["lower"]["kind"] == "all-clothing" and not r["ready"]
+    assert any("group 'lower' masks look like all-clothing masks" in b for b in r["blocking"])
+
+
 def test_the_report_files_show_the_section_and_a_grid_of_the_suspicious_rows(tmp_path):
     cfg = config()
     rows = validated(planted_rows("all-clothing", pids=12), cfg)
@@ -214,3 +339,26 @@ def test_setup_exits_1_on_whole_person_masks(tmp_path, ray_session):
     assert result.exit_code == 1, result.output
     assert "look like whole-person masks" in result.output
     assert (out / "mask_suspicious.png").is_file()
+
+
+@pytest.mark.ray
+def test_setup_passes_correct_masks_on_waist_up_photos(tmp_path, ray_session):
+    """Through the real command (issue 25, item 4): tops photographed waist-up, correct masks. No
+    mask finding in the verdict; the legs check of the upper group is printed as not judged."""
+    from typer.testing import CliRunner
+
+    from catvton.offline.synthetic import write_dataset
+    from easy_train import app
+
+    folder = tmp_path / "waist-up"
+    write_dataset(folder, num_pids=0, num_shards=1,
+                  extra_rows=planted_rows("garment", pids=24, upper_crop="waist-up", long_sleeves=True))
+    out = tmp_path / "report"
+    result = CliRunner().invoke(app, ["setup", "--data", str(folder), "--out", str(out), "--num-actors", "1",
+                                      "--set", "data.min_pairs_per_group=1", "--set", "data.val_fraction=0.2",
+                                      "--set", "data.test_fraction=0.2"])
+    assert "masks look like: upper garment, lower garment, full garment" in result.output, result.output
+    assert "  upper: legs not judged on 24 of 24 measured rows" in result.output
+    reasons = result.output.split("ready:")[1].split("wrote ")[0].splitlines()
+    assert not [x for x in reasons if "mask" in x and "latent cache" not in x], result.output
+    assert json.loads((out / "dataset_report.json").read_text())["mask_not_judged"]["upper"].startswith("legs not judged")
