@@ -42,6 +42,43 @@ class WorkerHooks(Protocol):
         """After the last step, with the trained (unwrapped) model."""
 
 
+CHECKPOINTS_LOG = "checkpoints.log"
+"""The run's own record of its starts and checkpoints, written by rank 0 (:func:`record_start`,
+:func:`record_checkpoint`). (Its home should be :mod:`catvton.artifacts`.)"""
+
+
+def record_start(run_dir: Path, step: int, resumed: str | None) -> None:
+    """Rank 0, before the first step of every start: ``started at step S`` in
+    :data:`CHECKPOINTS_LOG`, and a line in ``RESUMES`` when this start is a restart: ``resumed``
+    (the checkpoint's resume line), or, when the workers found no checkpoint although an earlier
+    start of this run is on record, ``restart N: no checkpoint reported yet, starting from step 0``
+    (a lost resume is never silent)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = run_dir / CHECKPOINTS_LOG
+    earlier = record.read_text().splitlines() if record.is_file() else []
+    starts = sum(line.startswith("started at step ") for line in earlier)
+    line = resumed if resumed is not None else \
+        f"restart {starts}: no checkpoint reported yet, starting from step 0" if starts else None
+    if line is not None:
+        with open(run_dir / RESUMES, "a") as f:
+            f.write(line + "\n")
+    with open(record, "a") as f:
+        f.write(f"started at step {step}\n")
+
+
+def record_checkpoint(run_dir: Path, step: int) -> None:
+    """Rank 0, once ``ray.train.report`` with the checkpoint of ``step`` has returned:
+    ``checkpoint reported at step N`` in :data:`CHECKPOINTS_LOG`.
+
+    Returned is not yet registered: Ray Train registers a checkpoint when its controller has taken
+    the report off every worker's one-slot result queue (it polls every 2 s). A worker's next
+    report waits for its previous one to be taken, and every report starts at a barrier of all
+    ranks; so once rank 0 has written two more checkpoint lines after it, every rank's report of this checkpoint was
+    taken, and a restart resumes it or a later one."""
+    with open(run_dir / CHECKPOINTS_LOG, "a") as f:
+        f.write(f"checkpoint reported at step {step}\n")
+
+
 VAL_ORDER = ["group", "pid", "person_pose"]
 """The columns that order the validation pairs (:func:`choose_val_rows`)."""
 VAL_COLUMNS = ["group", "pid", "target", "masked", "mask"]
@@ -143,7 +180,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     embeds = load_text_embeds(cache)  # no text encoder in a worker: T5-XXL alone is ~9.5 GB
     text = TextContext(embeds, latent_hw, device, dtype)
 
-    step, history, resumed = 0, [], None
+    step, history, resumed, note = 0, [], None, None  # note: the checkpoint's resume line
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         try:
@@ -161,9 +198,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             # "resumed from step 5 of 30", and why when the saved run planned another length
             resumed = f"resumed from step {step} of {total}{note.removeprefix(f'resumed from step {step}')}"
             print(f"[catvton] {resumed}")
-            run_dir.mkdir(parents=True, exist_ok=True)
-            with open(run_dir / RESUMES, "a") as f:  # the run's own record of where it restarted
-                f.write(note + "\n")
+    if rank == 0:  # the run's own record of where it (re)started
+        record_start(run_dir, step, note)
     # No start-up broadcast (init_sync, torch >= 2.6): every rank already holds the same weights
     # (the base from the same files, the LoRA's A drawn after torch.manual_seed(train.seed) in
     # build_transformer and its B zero; on resume, the same checkpoint), and DDP's broadcast of
@@ -205,6 +241,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             else:  # its own noise state; Ray Train puts the files every rank reports into one checkpoint
                 save_rank_rng(Path(tmp), rank, generator)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+        if rank == 0:
+            record_checkpoint(run_dir, metrics["step"])
         last_checkpoint = f"step {metrics['step']}"  # reported; Ray names its folder
 
     if step == 0 and rank == 0:
