@@ -17,7 +17,6 @@ from catvton.data.source import SYNTHETIC
 from catvton.offline.alpha import ensure_tiny_alpha
 from catvton.offline.synthetic import ensure_synthetic_dataset
 from catvton.offline.tiny_base import ensure_tiny_base
-from catvton.ray_utils import init_ray
 
 TINY_BASE = "tiny"
 """``model.base`` value that means the offline tiny base."""
@@ -30,7 +29,8 @@ def resolve(cfg: Config, log: Callable[[str], None] = print, models: bool = True
     """A copy of ``cfg`` in which nothing offline is left to build: the synthetic set exists
     (``data.source: synthetic`` stays, its folder is found by name), ``model.base: tiny`` is the
     tiny base's folder and ``model.transformer_override: tiny-alpha`` the alpha's folder. The alpha
-    is trained on first use, which needs Ray (started here if needed). Hub ids and folders pass
+    is trained on first use (its builder starts Ray then, through
+    :func:`catvton.ray_utils.init_ray`; a cached alpha needs no Ray). Hub ids and folders pass
     through unchanged, so the production preset resolves to itself. ``models=False``: the data
     only (what ``easy_train.py setup`` needs)."""
     out = config_from_dict(cfg.to_dict())
@@ -41,6 +41,5 @@ def resolve(cfg: Config, log: Callable[[str], None] = print, models: bool = True
     if out.model.base == TINY_BASE:
         out.model.base = str(ensure_tiny_base(log=log))
     if out.model.transformer_override == TINY_ALPHA:
-        init_ray()  # the alpha's first build runs Ray Data
         out.model.transformer_override = str(ensure_tiny_alpha(out, log=log))
     return out
