@@ -292,7 +292,7 @@ def test_all_clothing_masks_are_judged_on_the_full_length_rows_of_a_mixed_group(
     assert r["mask_kinds"]["upper"]["kind"] == "all-clothing"
     assert r["mask_not_judged"]["upper"].startswith("legs not judged on 16 of 24 measured rows")
     assert any("group 'upper' masks look like all-clothing masks" in b and "cover the legs" in b
-               and "median over the 8 full-length rows" in b for b in r["blocking"]), r["blocking"]
+               and "(median over the 8 full-length rows), from" in b for b in r["blocking"]), r["blocking"]
     assert not r["ready"]
 
 

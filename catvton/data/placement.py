@@ -240,7 +240,8 @@ def judge(summary: Mapping[str, Mapping[str, Any]]) -> dict[str, tuple[str, str]
             out[g] = ("all-clothing", f"lower-body masks cover the torso: {s['upper_cover']:.0%} of the upper body "
                                       f"(median), {extent}")
         elif g == "upper" and legs and s["lower_cover"] >= LEGS_COVER:
-            out[g] = ("all-clothing", f"upper-body masks cover the legs: {on_legs} (median), {extent}")
+            median = "" if s["cut_off"] else " (median)"  # else on_legs says over which rows
+            out[g] = ("all-clothing", f"upper-body masks cover the legs: {on_legs}{median}, {extent}")
         else:
             out[g] = ("garment", f"median mask {extent}, {s['upper_cover']:.0%} of the upper body and {on_legs}")
     for g, why in not_judged(summary).items():
