@@ -139,7 +139,8 @@ class RowCheck:
     upper_cover: float = -1.0
     """Share of the person's upper half (above mid-height) under the mask."""
     lower_cover: float = -1.0
-    """Share of the person's lower half under the mask."""
+    """Share of the person's lower half under the mask; -1 also when the person reaches the photo's
+    bottom edge (cut off by the frame: that lower half may be torso, so the legs are not judged)."""
     person_cover: float = -1.0
     """Share of the person's silhouette under the mask."""
     mask_outside: float = -1.0
