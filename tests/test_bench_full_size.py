@@ -106,10 +106,18 @@ def test_recompute_wrapper_gives_the_same_gradients():
     assert all(torch.allclose(a, p.grad) for a, p in zip(plain, block.parameters()))
 
 
+SKIP_ALL = {"first_block": {"first_block_threshold": 1e9}, "mag": {"mag_threshold": 1e9}}
+"""Thresholds under which the step caches skip every step they may: with random weights, what the
+default thresholds skip is no figure to hold a count to, at these the count is exact."""
+
+
 @pytest.mark.parametrize("lever", list(B.TRYON_LEVERS))
-def test_tryon_runs_the_fill_pipeline_at_the_canvas_with_each_lever(lever):
+def test_tryon_runs_the_fill_pipeline_at_the_canvas_with_each_lever(lever, monkeypatch):
     """Each try-on row runs with its lever applied by the serving code, its passes counted."""
+    from catvton.config import InferConfig
+
     steps = 6
+    monkeypatch.setitem(B.TRYON_LEVERS, lever, {**B.TRYON_LEVERS[lever], **SKIP_ALL.get(lever, {})})
     t = B.time_tryon(B.TINY, CPU, torch.float32, steps=steps, lever=lever)
     assert t["lever"] == lever and t["steps"] == steps and t["seconds"] > 0
     assert t["output_shape"] == [1, B.TINY.half_height, 2 * B.TINY.half_width, 3]
@@ -119,8 +127,12 @@ def test_tryon_runs_the_fill_pipeline_at_the_canvas_with_each_lever(lever):
         assert t["passes"] == steps
     elif lever == "taylorseer":  # defaults: 2 warm-up steps, then every 3rd: full passes at steps 0, 1, 3
         assert t["passes"] == 3
-    else:  # first_block and mag skip what random weights let them skip; never more passes than steps
-        assert 0 < t["passes"] <= steps
+    elif lever == "first_block":  # step 0 runs all 3 blocks (1 double + 2 single), then only the first block
+        assert B.TINY_TRANSFORMER["num_layers"] + B.TINY_TRANSFORMER["num_single_layers"] == 3
+        assert t["passes"] == pytest.approx(1 + (steps - 1) / 3)
+    else:  # mag: step 0 kept (0.2 of 6 steps, rounded), 3 skipped (mag_max_skip), a full pass, 1 skipped
+        assert (InferConfig().mag_retention, InferConfig().mag_max_skip) == (0.2, 3)
+        assert t["passes"] == 2
 
 
 def test_reported_mfu_and_prediction_error_are_the_planners():
