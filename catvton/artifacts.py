@@ -60,6 +60,9 @@ REFUSED = "REFUSED.txt"
 changed schedule's end: the reason and what to do."""
 RESUMES = "resumes.log"
 """One line per restart from a checkpoint (a worker failure or a rerun with the same name)."""
+CHECKPOINTS_LOG = "checkpoints.log"
+"""The run's own record of its starts and reported checkpoints, written by rank 0
+(:func:`catvton.train.loop.record_start`, :func:`catvton.train.loop.record_checkpoint`)."""
 PLACEMENT_GROUP = ".placement_group"
 """The workers' placement group id, written by rank 0 for the driver."""
 

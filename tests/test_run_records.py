@@ -5,7 +5,8 @@ restart that found no checkpoint is on record, never silent (issue 25)."""
 from __future__ import annotations
 
 from catvton import artifacts
-from catvton.train.loop import CHECKPOINTS_LOG, record_checkpoint, record_start
+from catvton.artifacts import CHECKPOINTS_LOG
+from catvton.train.loop import record_checkpoint, record_start
 
 
 def lines(path):

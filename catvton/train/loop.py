@@ -19,7 +19,7 @@ from typing import Any, Iterator, Protocol
 import numpy as np
 import torch
 
-from catvton.artifacts import PLACEMENT_GROUP, REFUSED, RESUMES, STOPPED
+from catvton.artifacts import CHECKPOINTS_LOG, PLACEMENT_GROUP, REFUSED, RESUMES, STOPPED
 from catvton.cache.read import decode_batch, load_manifest, load_samples, load_text_embeds, split_files
 from catvton.config import Config, config_from_dict, steps_per_epoch, total_steps
 from catvton.infer.tryon import TryOn, grid_image
@@ -40,11 +40,6 @@ class WorkerHooks(Protocol):
 
     def at_end(self, *, model: torch.nn.Module, rank: int) -> None:
         """After the last step, with the trained (unwrapped) model."""
-
-
-CHECKPOINTS_LOG = "checkpoints.log"
-"""The run's own record of its starts and checkpoints, written by rank 0 (:func:`record_start`,
-:func:`record_checkpoint`). (Its home should be :mod:`catvton.artifacts`.)"""
 
 
 def record_start(run_dir: Path, step: int, resumed: str | None) -> None:
