@@ -7,6 +7,8 @@ environment that does not depend on the machine or the shell the tests run from.
   previous run left can make a test pass.
 - ``TRYON_API_KEY`` is removed from the environment at start-up: the serving tests set the key
   they test; a key exported in the user's shell would otherwise override their configs.
+- torch uses ``TORCH_THREADS`` threads in every test (a session fixture), not whatever the files
+  that happened to be collected set at import: the thread count changes weights.
 """
 
 from __future__ import annotations
@@ -22,6 +24,12 @@ from PIL import Image
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.pop("TRYON_API_KEY", None)  # before any Ray or Serve process inherits it
+ROOT = Path(__file__).resolve().parents[1]
+
+TORCH_THREADS = 1
+"""torch's intra-op threads in every test: the tests compare results bit for bit (against
+diffusers' pipelines, across processes, against shipped models' recorded figures) and share
+2 CPUs with Ray's workers."""
 
 
 def pytest_addoption(parser):
@@ -37,7 +45,12 @@ def pytest_configure(config):
         os.environ["CATVTON_CACHE"] = tempfile.mkdtemp(prefix="catvton-test-cache-")
 
 
-ROOT = Path(__file__).resolve().parents[1]
+@pytest.fixture(scope="session", autouse=True)
+def torch_threads():
+    """``TORCH_THREADS`` for the whole run, set once before the first test."""
+    import torch
+
+    torch.set_num_threads(TORCH_THREADS)
 
 
 def tiny_config(*overrides: str, models: bool = True):

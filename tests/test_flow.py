@@ -13,8 +13,6 @@ from diffusers.pipelines.flux.pipeline_flux_fill import calculate_shift
 
 from catvton.train import flow
 
-torch.set_num_threads(1)
-
 
 def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)

@@ -13,8 +13,6 @@ from peft.tuners.lora import LoraLayer
 from catvton.model.lora import TARGET_PRESETS, count_lora_params, lora_config, lora_target_names
 from catvton.train.flow import latent_image_ids, text_ids
 
-torch.set_num_threads(1)
-
 
 @pytest.fixture(scope="module")
 def full():

@@ -15,7 +15,6 @@ from catvton.config import Config, load_config
 from catvton.train import planner
 from catvton.train.planner import GB, TFLOP, plan, plan_from_config
 
-torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 
 
