@@ -99,6 +99,26 @@ def tiny_fill_case(folder: Path, n: int, steps: int):
     return cfg, lora, canvas, mask
 
 
+def wait_for_a_caller_blocked_on(final: Path, timeout: float = 60.0) -> None:
+    """Return once a caller (a thread or a process) is blocked waiting for the lock of
+    ``catvton.artifacts.build_once(final, ...)`` (``<final>.lock``): a ``->`` line on that file's
+    inode in /proc/locks. A lock test calls it from inside the first builder's build, so the
+    overlap it tests has really happened, however loaded the machine; no waiter within
+    ``timeout`` seconds (the lock is not taken, or not waited for) fails loudly."""
+    import time
+
+    st = os.stat(final.parent / f"{final.name}.lock")
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino} "
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open("/proc/locks") as f:
+            if any(" -> " in line and inode in line for line in f):
+                return
+        time.sleep(0.01)
+    raise AssertionError(f"no second caller blocked on {final}.lock within {timeout:.0f} s: "
+                         "build_once did not make it wait for this build")
+
+
 def png_cell(arr: np.ndarray, mode: str | None = None) -> dict:
     """A parquet image cell ({bytes, path}) holding ``arr`` as PNG."""
     buf = io.BytesIO()

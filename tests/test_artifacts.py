@@ -5,19 +5,19 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
-import time
 from pathlib import Path
 
 import pytest
+from conftest import wait_for_a_caller_blocked_on
 
 from catvton import artifacts
 
 
-def _slow_build(tmp: Path, marker: Path) -> None:
+def _slow_build(tmp: Path, marker: Path, final: Path) -> None:
     with open(marker, "a") as f:  # one line per build that really ran
         f.write("built\n")
     (tmp / "part").write_text("half")
-    time.sleep(0.5)  # long enough for the other builder to reach the lock
+    wait_for_a_caller_blocked_on(final)  # the other builder waits on the lock while this one builds
     (tmp / "done").write_text("ok")
 
 
@@ -26,7 +26,8 @@ def _done(folder: Path) -> bool:
 
 
 def _build_in_process(final: str, marker: str) -> str:
-    return str(artifacts.build_once(Path(final), lambda tmp: _slow_build(tmp, Path(marker)), _done, log=lambda _: None))
+    return str(artifacts.build_once(Path(final), lambda tmp: _slow_build(tmp, Path(marker), Path(final)), _done,
+                                    log=lambda _: None))
 
 
 def test_two_concurrent_processes_build_once(tmp_path):
@@ -43,12 +44,20 @@ def test_two_concurrent_processes_build_once(tmp_path):
 def test_two_concurrent_threads_build_once(tmp_path):
     final, marker = tmp_path / "thing", tmp_path / "builds.txt"
     results: list[Path] = []
-    threads = [threading.Thread(target=lambda: results.append(Path(_build_in_process(str(final), str(marker)))))
-               for _ in range(2)]
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            results.append(Path(_build_in_process(str(final), str(marker))))
+        except BaseException as e:  # a thread's exception would otherwise only be printed
+            errors.append(e)
+
+    threads = [threading.Thread(target=call) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    assert errors == []
     assert results == [final, final] and marker.read_text().count("built") == 1
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import wait_for_a_caller_blocked_on
 from diffusers import AutoencoderKL, FluxFillPipeline, FluxTransformer2DModel
 from PIL import Image
 from torchmetrics.functional.image import peak_signal_noise_ratio
@@ -217,13 +218,16 @@ def test_hub_ids_pass_through_unchanged():
 # ---------------------------------------------------------------------------------------------
 
 
-def _fake_build(calls: list, fail: bool = False):
+def _fake_build(calls: list, fail: bool = False, overlap: Path | None = None):
+    """A stub of ``build_tiny_base``; with ``overlap`` (the folder being built) it finishes only
+    once another caller is blocked on that folder's lock."""
     def build(out_dir, seed=0, log=print, **_):
         calls.append(Path(out_dir))
         (Path(out_dir) / "model_index.json").write_text("{}")
         if fail:
             raise RuntimeError("crashed mid-build")
-        threading.Event().wait(0.3)  # long enough for the other thread to reach the lock
+        if overlap is not None:
+            wait_for_a_caller_blocked_on(overlap)
         (Path(out_dir) / "tiny_base.json").write_text("{}")
         return {}
 
@@ -233,16 +237,22 @@ def _fake_build(calls: list, fail: bool = False):
 def test_ensure_tiny_base_builds_once_under_concurrency(tmp_path, monkeypatch):
     monkeypatch.setenv("CATVTON_PREBUILT", "0")  # build (stubbed), do not copy the shipped base
     calls: list[Path] = []
-    monkeypatch.setattr(tiny, "build_tiny_base", _fake_build(calls))
+    monkeypatch.setattr(tiny, "build_tiny_base", _fake_build(calls, overlap=tmp_path / tiny.tiny_base_key(0)))
     results: list[Path] = []
+    errors: list[BaseException] = []
+
     def call() -> None:
-        results.append(tiny.ensure_tiny_base(tmp_path, log=lambda _: None))
+        try:
+            results.append(tiny.ensure_tiny_base(tmp_path, log=lambda _: None))
+        except BaseException as e:  # a thread's exception would otherwise only be printed
+            errors.append(e)
 
     threads = [threading.Thread(target=call) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    assert errors == []
     assert len(calls) == 1 and len(set(results)) == 1
     final = results[0]
     assert final.parent == tmp_path and final.name == tiny.tiny_base_key(0)
