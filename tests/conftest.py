@@ -9,12 +9,17 @@ environment that does not depend on the machine or the shell the tests run from.
   they test; a key exported in the user's shell would otherwise override their configs.
 - torch uses ``TORCH_THREADS`` threads in every test (a session fixture), not whatever the files
   that happened to be collected set at import: the thread count changes weights.
+
+Order options, to find tests that depend on the order they run in: ``--shuffle SEED`` (modules in
+a seeded random order, then the tests within each module; the seed is in the header) and
+``--reverse-files`` (files in reverse order, each file's tests in their own order).
 """
 
 from __future__ import annotations
 
 import io
 import os
+import random
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +41,11 @@ def pytest_addoption(parser):
     parser.addoption("--fresh-cache", action="store_true", default=False,
                      help="build every cached folder (tiny base, alpha, synthetic set, latent caches) anew "
                           "into an empty CATVTON_CACHE for this run (also: CATVTON_FRESH_CACHE=1)")
+    parser.addoption("--shuffle", type=int, default=None, metavar="SEED",
+                     help="run the modules in a random order seeded by SEED, and each module's tests in a "
+                          "random order too (finds tests that depend on what ran before them)")
+    parser.addoption("--reverse-files", action="store_true", default=False,
+                     help="run the test files in reverse order (each file's tests in their own order)")
 
 
 def pytest_configure(config):
@@ -43,6 +53,32 @@ def pytest_configure(config):
         import tempfile
 
         os.environ["CATVTON_CACHE"] = tempfile.mkdtemp(prefix="catvton-test-cache-")
+
+
+def pytest_report_header(config):
+    seed = config.getoption("--shuffle")
+    order = [f"shuffled with seed {seed} (--shuffle {seed})"] if seed is not None else []
+    order += ["files reversed (--reverse-files)"] if config.getoption("--reverse-files") else []
+    return [f"test order: {', '.join(order)}"] if order else []
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    seed, reverse = config.getoption("--shuffle"), config.getoption("--reverse-files")
+    if seed is None and not reverse:
+        return
+    modules: dict[str, list] = {}  # file -> its tests, in collection order (dicts keep insertion order)
+    for item in items:
+        modules.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
+    files = list(modules)
+    if seed is not None:
+        rng = random.Random(seed)
+        rng.shuffle(files)
+        for f in files:
+            rng.shuffle(modules[f])
+    if reverse:
+        files.reverse()
+    items[:] = [item for f in files for item in modules[f]]
 
 
 @pytest.fixture(scope="session", autouse=True)
