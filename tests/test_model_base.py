@@ -85,7 +85,7 @@ def test_layout_is_the_diffusers_flux_fill_layout(small_base):
     assert index["_class_name"] == "FluxFillPipeline"
     assert set(COMPONENTS) <= set(index)
     info = json.loads((small_base / "tiny_base.json").read_text())
-    assert info["version"] == tiny.TINY_BASE_VERSION and info["vae_steps"] == 5
+    assert info["source"] == tiny.builder_source_hash() and info["vae_steps"] == 5
     assert {"vae_psnr_db", "random_vae_psnr_db", "params"} <= set(info)
 
 
@@ -316,7 +316,10 @@ def test_the_key_follows_the_builders_source(monkeypatch):
     key = tiny.tiny_base_key()
     monkeypatch.setattr(tiny, "builder_source_hash", lambda: "edited")
     assert tiny.tiny_base_key() != key
-    assert set(tiny.BUILDER_MODULES) == {"tiny_base.py", "tiny_text.py", "tiny_vae.py", "synthetic.py"}
+    from catvton.artifacts import source_files
+
+    files = {f.as_posix() for f in source_files(tiny.BUILDER)}
+    assert {"offline/tiny_base.py", "offline/tiny_text.py", "offline/tiny_vae.py", "offline/synthetic.py"} <= files
 
 
 def test_cli_help(capsys):
