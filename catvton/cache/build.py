@@ -318,7 +318,7 @@ def _run(cfg: Config, out: Path, work: Path, num_parts: int | None, num_encoders
     H, W = cfg.canvas.half_height, cfg.canvas.half_width
     d = cfg.to_dict()
     manifest: dict[str, Any] = {
-        "source": source_digest(BUILDER),
+        "builder_source": source_digest(BUILDER),
         "cache_key": cache_key(cfg),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "source": source.name,
