@@ -7,6 +7,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
+PYTEST_ARGS ?=
+# e.g. make test PYTEST_ARGS='--shuffle 7' (or --reverse-files): the same tier in another order
 
 .PHONY: install demo test test-all clean-cache chromium
 
@@ -29,7 +31,7 @@ chromium:
 	@command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)
 
 test: install chromium
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-all: install chromium
 	$(BIN)/python -m pytest -m "" 
