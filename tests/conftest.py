@@ -7,6 +7,10 @@ environment that does not depend on the machine or the shell the tests run from.
   previous run left can make a test pass.
 - ``TRYON_API_KEY`` is removed from the environment at start-up: the serving tests set the key
   they test; a key exported in the user's shell would otherwise override their configs.
+- ``PYTHONPATH`` starts with the repository root, set here before any Ray starts: every Ray of the
+  run (the ``ray_session`` fixture's, or one an entry point starts in this process) inherits it, so
+  workers and Serve replicas import ``serve/``, ``ray_jobs/`` and the test helpers whatever
+  directory pytest was started from (``cd tests && pytest`` left Serve replicas without ``serve``).
 - torch uses ``TORCH_THREADS`` threads in every test (a session fixture), not whatever the files
   that happened to be collected set at import: the thread count changes weights.
 
@@ -30,6 +34,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.pop("TRYON_API_KEY", None)  # before any Ray or Serve process inherits it
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in os.environ.get("PYTHONPATH", "").split(os.pathsep):  # before any Ray starts
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 TORCH_THREADS = 1
 """torch's intra-op threads in every test: the tests compare results bit for bit (against
@@ -190,14 +196,15 @@ def make_row(pid="id_00000001", pose="01_1_front", cloth_type="Pants", size=64, 
 
 
 @pytest.fixture(scope="session")
-def ray_session(tmp_path_factory):
-    """One local Ray for every test that needs it (init costs seconds)."""
+def ray_session():
+    """One local Ray for every test that needs it (init costs seconds), started the way every entry
+    point starts it (:func:`catvton.ray_utils.init_ray`); a Ray already up in this process (an entry
+    point a test ran in-process started it) is used as it is. Workers find the repository root
+    through the ``PYTHONPATH`` set above."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(tmp_path_factory.mktemp("ray")),
-             # workers import serve/, ray_jobs/ and test helpers from the repository root, whatever
-             # directory pytest was started from (`cd tests && pytest` left Serve replicas without `serve`)
-             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled",
-                                       "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}})
+    from catvton.ray_utils import init_ray
+
+    init_ray(num_cpus=2, dashboard=False, log=lambda _: None)
     yield ray
     ray.shutdown()
