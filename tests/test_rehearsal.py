@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from catvton.artifacts import CHECKPOINTS_LOG
 from catvton.config.rehearsal import as_set_arguments, rehearsal_config, rehearsal_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +77,8 @@ class Head:
 
 @pytest.fixture(scope="module")
 def s3_env():
-    """moto's S3 server on a loopback port with an empty bucket; the variables a user would set."""
+    """moto's S3 server on a loopback port with an empty bucket; the variables a user would set,
+    also set in this process while the module runs (it lists and reads the bucket)."""
     import boto3
     from moto.server import ThreadedMotoServer
 
@@ -86,7 +89,10 @@ def s3_env():
            "AWS_SECRET_ACCESS_KEY": "rehearsal", "AWS_DEFAULT_REGION": "us-east-1"}
     boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
                  aws_access_key_id="rehearsal", aws_secret_access_key="rehearsal").create_bucket(Bucket=BUCKET)
-    yield env
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        yield env
     server.stop()
 
 
@@ -179,31 +185,45 @@ def kill_a_train_worker(head: Head) -> int:
     return pid
 
 
+def reported_checkpoints(run: Path) -> list[int]:
+    """The steps of the checkpoints that the run itself has recorded as reported (rank 0's
+    ``CHECKPOINTS_LOG``, :func:`catvton.train.loop.record_checkpoint`), whole lines only."""
+    record = run / CHECKPOINTS_LOG
+    whole = record.read_text().split("\n")[:-1] if record.is_file() else []  # the last: "" or being written
+    return [int(line.rsplit(" ", 1)[1]) for line in whole if line.startswith("checkpoint reported at step ")]
+
+
 @pytest.fixture(scope="module")
 def trained(head, s3_env):
-    """The training job on the rehearsal preset, a worker killed after the first S3 checkpoint."""
-    for k, v in s3_env.items():  # this process lists and reads the bucket too
-        os.environ[k] = v
+    """The training job on the rehearsal preset (checkpoints every 10 of 40 steps), a worker killed
+    once the run has recorded three reported checkpoints: by then Ray Train has registered the
+    first of them (see ``record_checkpoint``), so the restart must resume from one of them; a
+    checkpoint object in the bucket alone was no proof (the restart began at step 0).
+    Returns the job's output, the killed pid and the checkpoints recorded before the kill."""
     proc = submit(head, "ray_jobs/train.py", *job_sets(head, f"run.name={RUN}"))
-    deadline, killed = time.monotonic() + 1200, None
+    deadline, killed, recorded = time.monotonic() + 1200, None, []
     while killed is None and proc.poll() is None and time.monotonic() < deadline:
-        if any("/checkpoint_" in p for p in s3_listing(f"ray/{RUN}")):
+        recorded = reported_checkpoints(head.out / RUN)
+        if len(recorded) >= 3:
             killed = kill_a_train_worker(head)
-        time.sleep(0.5)
+        time.sleep(0.2)
     out = finish(proc)
-    return out, killed
+    return out, killed, recorded
 
 
 @pytest.mark.rehearsal
 def test_the_job_trains_on_s3_and_resumes_after_a_lost_worker(head, trained):
     from catvton import artifacts
 
-    out, killed = trained
-    assert killed, f"no worker was killed: the job ended before its first checkpoint\n{out[-3000:]}"
+    out, killed, recorded = trained
+    assert killed, f"no worker was killed: the job ended before its third checkpoint ({recorded})\n{out[-3000:]}"
     run = head.out / RUN
     assert json.loads((run / artifacts.FINAL_METRICS).read_text())["step"] == 40
     resumes = (run / artifacts.RESUMES).read_text().splitlines()
-    assert len(resumes) == 1 and resumes[0].startswith("resumed from step ") and resumes[0] != "resumed from step 0", resumes
+    resumed = re.fullmatch(r"resumed from step (\d+)", resumes[0]) if len(resumes) == 1 else None
+    assert resumed and int(resumed[1]) >= recorded[-3], (resumes, recorded)
+    starts = [line for line in (run / CHECKPOINTS_LOG).read_text().splitlines() if line.startswith("started")]
+    assert starts == ["started at step 0", f"started at step {resumed[1]}"], starts
     steps = [h["step"] for h in json.loads((run / artifacts.LOSS_HISTORY).read_text())]
     assert steps[0] == 0 and steps[-1] == 40 and steps == sorted(set(steps)), steps
     # checkpoints live in the bucket, and the exported LoRA is the last one's
@@ -215,11 +235,18 @@ def test_the_job_trains_on_s3_and_resumes_after_a_lost_worker(head, trained):
     assert f"checkpoint:   s3://{BUCKET}/ray/{RUN}/checkpoint_" in out, out[-2000:]
 
 
+@pytest.fixture(scope="module")
+def swept(head, s3_env) -> str:
+    """The production sweep's job (``ray_jobs/tune.py``), run once for the tests that need its
+    release; its output."""
+    return finish(submit(head, "ray_jobs/tune.py", *job_sets(head, f"tune.name={SWEEP}", "run.name=rehearsal-trial")))
+
+
 @pytest.mark.rehearsal
-def test_the_production_sweep_releases_a_winner(head, trained):
+def test_the_production_sweep_releases_a_winner(head, swept):
     from catvton import artifacts
 
-    out = finish(submit(head, "ray_jobs/tune.py", *job_sets(head, f"tune.name={SWEEP}", "run.name=rehearsal-trial")))
+    out = swept
     release = head.out / SWEEP / "release"
     assert (release / artifacts.LORA_WEIGHTS).is_file(), sorted(p.name for p in (head.out / SWEEP).iterdir())
     # the summary table the sweep prints once it is over: one row per trial of tune.num_samples
@@ -239,10 +266,9 @@ def test_the_production_sweep_releases_a_winner(head, trained):
 
 
 @pytest.mark.rehearsal
-def test_evaluate_and_publish_the_released_winner(head, trained):
+def test_evaluate_and_publish_the_released_winner(head, swept):
     release = head.out / SWEEP / "release"
-    if not release.is_dir():
-        pytest.fail("the sweep did not release a winner (see test_the_production_sweep_releases_a_winner)")
+    assert release.is_dir(), f"the sweep did not release a winner:\n{swept[-3000:]}"
     finish(submit(head, "ray_jobs/evaluate.py", "--lora", str(release), "--max-per-group", "4"))
     report = json.loads((release / "eval" / "report.json").read_text())
     assert {"lower", "full"} <= set(report["groups"]), report["groups"].keys()
@@ -254,7 +280,7 @@ def test_evaluate_and_publish_the_released_winner(head, trained):
 
 
 @pytest.mark.rehearsal
-def test_the_roadmap_commands_on_the_production_preset(head, trained):
+def test_the_roadmap_commands_on_the_production_preset(head):
     env = {**head.env, "RAY_ADDRESS": head.gcs}
     for command in (["setup", "--out", str(head.out / "setup")],
                     ["test", "--steps", "6"],
