@@ -92,9 +92,13 @@ def person():
 
 
 @pytest.fixture(scope="module")
-def red_green(client, person):
+def red_green(client, model, person):
+    """The red-top, green-bottom outfit's response, with the payload the model got for it
+    (``.payload``: later requests of the module append theirs to ``model.payloads``)."""
     photo, masks = person
-    return outfit(client, photo, masks, garment(RED), garment(GREEN))
+    r = outfit(client, photo, masks, garment(RED), garment(GREEN))
+    r.payload = model.payloads[-1]
+    return r
 
 
 def test_an_outfit_is_one_picture_changed_only_inside_the_two_general_masks(model, person, red_green):
@@ -111,7 +115,7 @@ def test_an_outfit_is_one_picture_changed_only_inside_the_two_general_masks(mode
     for region, general in (("upper", upper), ("lower", lower)):
         changed = np.any(out[general] != photo[general], axis=-1).mean()
         assert changed > 0.5, f"the {region} region was repainted ({changed:.0%} of it changed)"
-    passes = [p["region"] for p in model.payloads[-1]["pieces"]]
+    passes = [p["region"] for p in r.payload["pieces"]]
     assert sorted(passes) == ["lower", "upper"]
 
 
