@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,22 @@ def tiny_config(*overrides: str, models: bool = True):
     from catvton.offline import resolve
 
     return resolve(load_config(ROOT / "configs" / "tiny.yaml", list(overrides)), log=lambda _: None, models=models)
+
+
+SMALL_DATA = ["data.synthetic_pids=40", "data.val_fraction=0.2", "data.test_fraction=0.2",
+              "model.transformer_override=null"]  # pinned: the preset may change
+"""The small synthetic data set of the pipeline tests (the cache does not depend on the transformer)."""
+
+
+@pytest.fixture(scope="session")
+def small_latent_cache(tmp_path_factory, ray_session) -> tuple[Path, Path]:
+    """``(cache folder, root)``: :data:`SMALL_DATA`'s latent cache, built once a run through Ray
+    Data into a temporary root. tests/test_preprocess.py checks the build itself; modules that
+    only read a cache (tests/test_train.py) take the same one instead of building their own."""
+    from catvton.cache.build import build_latent_cache
+
+    root = tmp_path_factory.mktemp("latents")
+    return build_latent_cache(tiny_config(*SMALL_DATA), cache_root=root, progress=False), root
 
 
 def random_lora(cfg, folder: Path, seed: int = 0, scale: float = 0.1) -> Path:
@@ -206,5 +223,11 @@ def ray_session():
     from catvton.ray_utils import init_ray
 
     init_ray(num_cpus=2, dashboard=False, log=lambda _: None)
+    node = ray._private.worker._global_node
+    temp = Path(node.get_temp_dir_path()) if node is not None else None
     yield ray
     ray.shutdown()
+    # init_ray keeps a local Ray's temp dir (its logs, which it names to the user); a test run's is
+    # of no use afterwards, and one was left in /tmp by every run
+    if temp is not None and temp.name.startswith("rct") and temp.parent == Path("/tmp"):
+        shutil.rmtree(temp, ignore_errors=True)

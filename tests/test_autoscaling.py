@@ -19,7 +19,8 @@ import pytest
 import requests
 from serve_helpers import free_port, png
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # a Serve app of its own and minutes of load (~2 min);
+# the served autoscaling config as built from the yaml: tests/test_serve_config.py
 
 APP = "autoscale"
 CLIENTS = 4

@@ -92,6 +92,7 @@ def sorted_rows(folder: Path, split: str) -> dict[str, list]:
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # two builds and a kill (~3-4 min); the resume itself: test_parts_resume_without_ray
 def test_killed_build_resumes_and_equals_a_clean_build(tmp_path, ray_session):
     cfg = tiny_config(*SMALL)
     root = tmp_path / "resumed"

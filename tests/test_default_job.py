@@ -168,9 +168,11 @@ def test_sample_grids_show_the_fixed_val_pairs_and_a_generated_fill(job):
     again = (np.clip(again[:, :, w:], 0, 1) * 255).round()
     off = [np.abs(r.astype(float) - again)[masks].mean() for r in results]
     assert off[1] < 0.5, f"step 10's fill is the exported weights' (float rounding aside): {off}"
-    # ... and step 5's, with the same noise, is not: the LoRA changed between them, towards the truth
+    # ... and step 5's, with the same noise, is not: the LoRA changed between them. Whether it
+    # learned is judged on the fixed validation set (test_the_loss_history_has_every_report), not on
+    # these few fills: in a run whose lower-body validation loss fell, they moved away from their
+    # truth between steps 5 and 10 (mean squared error 2869 -> 2961, 2026-12-07)
     assert off[0] > 4 * max(off[1], 0.25), off
-    assert errors[1] < errors[0], f"step 10 fills closer to the ground truth than step 5: {errors}"
 
 
 def test_the_summary_names_every_artifact(job):

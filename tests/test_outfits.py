@@ -28,9 +28,9 @@ STEPS = "2"
 
 
 @pytest.fixture(scope="module")
-def model(ray_session):
-    """The model deployment's class with the shipped alpha (``resolve`` starts Ray for it: the
-    session's, so that a later Ray test module finds one Ray, not a second ``ray.init``)."""
+def model():
+    """The model deployment's class with the shipped alpha, in this process, without Ray (resolving
+    a shipped alpha starts none)."""
     import torch
 
     torch.set_num_threads(1)

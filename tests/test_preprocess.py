@@ -24,11 +24,10 @@ from catvton.cache import format as F
 from catvton.cache import read as R
 from catvton.cache import stages as St
 from catvton.data import validate as V
-from conftest import as_batch, make_row, person_and_mask, png_cell, tiny_config
+from conftest import SMALL_DATA, as_batch, make_row, person_and_mask, png_cell, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["data.synthetic_pids=40", "data.val_fraction=0.2", "data.test_fraction=0.2",  # pinned: the preset may change
-         "model.transformer_override=null"]  # the cache does not depend on the transformer
+SMALL = SMALL_DATA  # conftest's: the session's small cache is built from it
 
 
 @pytest.fixture(scope="module")
@@ -176,9 +175,10 @@ def test_cache_key_tracks_what_changes_the_latents(cfg):
 
 
 @pytest.fixture(scope="module")
-def built(cfg, tmp_path_factory, ray_session):
-    root = tmp_path_factory.mktemp("latents")
-    folder = E.build_latent_cache(cfg, cache_root=root, progress=False)
+def built(cfg, small_latent_cache):
+    """The session's small cache (built through Ray Data by conftest), of this module's config."""
+    folder, root = small_latent_cache
+    assert folder == E.cache_dir(cfg, root), "conftest's SMALL_DATA is this module's SMALL"
     return folder, root
 
 

@@ -346,17 +346,18 @@ def _batch_counts(server) -> dict[int, int]:
     return {int(k): v for k, v in info["recent_batch_sizes"].items()}
 
 
-def test_load_200_requests_at_concurrency_8(server):
+@pytest.mark.parametrize("count", [40, pytest.param(200, marks=pytest.mark.slow)])  # 200: ~100 s
+def test_load_at_concurrency_8(server, count):
     before = _batch_counts(server)  # the replica counts since it started: other tests' batches too
-    results = _fire(server, count=200, concurrency=8, steps=2, seed=5)
+    results = _fire(server, count=count, concurrency=8, steps=2, seed=5)
     codes = [c for c, _, _ in results]
     lat = np.array([t for _, t, _ in results])
-    print(f"\nload: 200 requests, concurrency 8, 2 steps: p50 {np.percentile(lat, 50) * 1000:.0f} ms, "
+    print(f"\nload: {count} requests, concurrency 8, 2 steps: p50 {np.percentile(lat, 50) * 1000:.0f} ms, "
           f"p95 {np.percentile(lat, 95) * 1000:.0f} ms, errors {sum(c != 200 for c in codes)}")
-    assert codes.count(200) == 200, {c: codes.count(c) for c in set(codes)}
+    assert codes.count(200) == count, {c: codes.count(c) for c in set(codes)}
     after = _batch_counts(server)
     during = {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) > before.get(k, 0)}
-    assert sum(k * n for k, n in during.items()) == 200, f"every request of this test ran once: {during}"
+    assert sum(k * n for k, n in during.items()) == count, f"every request of this test ran once: {during}"
     assert max(during) > 1, f"this test's requests were batched: {during}"
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import train_hooks
+from conftest import SMALL_DATA
 from catvton import artifacts
 from catvton.config import load_config
 from catvton.offline import resolve
@@ -21,8 +22,7 @@ from catvton.train import engine as S
 from catvton.train.checkpoint import save_weights
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["data.synthetic_pids=40", "data.val_fraction=0.2", "data.test_fraction=0.2",
-         "model.transformer_override=null", "train.batch_size=4", "train.warmup_steps=2"]
+SMALL = [*SMALL_DATA, "train.batch_size=4", "train.warmup_steps=2"]  # conftest's data: its session cache
 
 
 def small_cfg(tmp: Path, *extra: str):
@@ -95,11 +95,13 @@ def test_saved_lora_loads_into_plain_diffusers_and_reproduces_the_model(tmp_path
 
 
 @pytest.fixture(scope="module")
-def small_cache(tmp_path_factory, ray_session):
-    from catvton.cache.build import build_latent_cache
+def small_cache(tmp_path_factory, small_latent_cache):
+    """The session's small latent cache (conftest): this module's data is its data."""
+    from catvton.cache.build import cache_dir
 
-    tmp = tmp_path_factory.mktemp("train-cache")
-    return build_latent_cache(small_cfg(tmp), cache_root=tmp / "cache", progress=False)
+    folder, root = small_latent_cache
+    assert folder == cache_dir(small_cfg(tmp_path_factory.mktemp("train-cache")), root)
+    return folder
 
 
 @pytest.mark.ray
@@ -151,6 +153,8 @@ def test_every_epoch_reads_all_pairs_in_a_fresh_global_order(small_cache):
     assert len({p for p, _ in first[:8]}) >= min(5, people), first[:8]
 
 @pytest.mark.ray
+@pytest.mark.slow  # two fits and a restart (~2-3 min); the restore itself: tests/test_train_state.py,
+# tests/test_resume_schedule.py; a lost worker through the job: the rehearsal tier
 def test_a_worker_failure_is_survived_and_a_rerun_resumes(tmp_path, small_cache):
     from catvton.train.job import checkpoint_state, fit
 

@@ -114,6 +114,8 @@ def test_a_stopped_run_resumes_without_redoing_finished_images(catalogue, full_r
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # its own process and Ray, killed and rerun (~1.5 min); the default tier's resume
+# test stops the job in this process (test_a_stopped_run_resumes_without_redoing_finished_images)
 def test_a_killed_job_resumes_without_redoing_finished_images(catalogue, full_run, tmp_path):
     """The job as a user runs it, in its own process with its own Ray, killed (SIGKILL to its
     process group) once its first images are on disk; the rerun renders only the rest."""
