@@ -12,8 +12,13 @@ and says so), and it is scored against the base and alpha it was trained on.
 Prints, per seed, the lower-body val loss at step 0 and at the end, and masked_* / half_* PSNR and
 SSIM per group; then the smallest margins over the seeds (LoRA - alpha and LoRA - grey on lower
 and full; LoRA - alpha on upper; the garment-transfer margin and colour following of the LoRA on
-lower and full and of the alpha on upper). docs/PERFORMANCE.md records them; tests/test_learning.py
-asserts half of the smallest.
+lower and full and of the alpha on upper; the LoRA's shape.<kind>.iou and .psnr, the worst seed's).
+docs/PERFORMANCE.md records them; tests/test_learning.py asserts half of the smallest.
+
+The evaluation includes the shape benchmark (issue 26): --shape N cross-type cases a kind (a skirt
+for a test-split person in trousers, ...; catvton.offline.shape, default 40, 0 skips), dressed by
+the base and the LoRA under the config's mask rule and scored against their rendered truths
+(outline IoU, masked PSNR; report.json's shape section, grid_shape_<kind>.png). Cost: 2 x 160 try-ons a seed (measured figure to come).
 """
 
 from __future__ import annotations
@@ -28,7 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 EVALUATION = "catvton.eval.report.evaluate with transfer"
-"""Marks a per-seed result of the unified evaluation (results of an older path are recomputed)."""
+"""Marks a per-seed result of the unified evaluation (results of an older path are recomputed; so
+are those scored with another number of shape cases, ``shape_per_kind``)."""
+SHAPE_PER_KIND = 40
+"""Shape cases a kind (issue 26 asks for at least 40)."""
 COMPARED = ("train", "lora", "data", "canvas", "mask", "infer")
 """Config sections a reused run must share with the requested job."""
 
@@ -55,13 +63,15 @@ def finished_run(cfg) -> tuple[Path, list[dict], dict[str, Any]] | None:
     return weights, json.loads((out / artifacts.LOSS_HISTORY).read_text()), trained
 
 
-def run_seed(seed: int, config: str, extra: list[str], ray_data: bool = False) -> dict:
+def run_seed(seed: int, config: str, extra: list[str], ray_data: bool = False, shape: int = SHAPE_PER_KIND) -> dict:
     """Train (or reuse) the default job with ``train.seed=seed`` and evaluate it on every
-    held-out pair; the report goes to ``<run>/eval``."""
+    held-out pair, and on ``shape`` cross-type cases a kind (0: none); the report goes to
+    ``<run>/eval``."""
     from catvton.config import load_config
     from catvton.eval.report import evaluate
     from catvton.eval.samples import held_out_samples
     from catvton.offline import resolve
+    from catvton.offline.shape import held_out_plans, shape_cases
     from catvton.train.job import run_dir, run_job
 
     cfg = load_config(config, extra + [f"train.seed={seed}", f"run.name=tiny-lora-seed{seed}", "run.wandb_mode=disabled"])
@@ -76,11 +86,14 @@ def run_seed(seed: int, config: str, extra: list[str], ray_data: bool = False) -
         cfg.model.base, cfg.model.transformer_override = trained["model"]["base"], trained["model"]["transformer_override"]
         cfg = resolve(cfg)
     vals = [h for h in history if "val_loss_lower" in h]
+    cases = shape_cases(held_out_plans(cfg.data, "test"), per_kind=shape,
+                        size=cfg.data.synthetic_image_size) if shape > 0 else None
     report = evaluate(cfg, weights, held_out_samples(cfg, "test"), run_dir(cfg) / "eval", ray_data=ray_data,
-                      source=f"{cfg.data.source} test split")
-    return {"seed": seed, "evaluation": EVALUATION, "reused": reused is not None,
+                      source=f"{cfg.data.source} test split", shape=cases)
+    return {"seed": seed, "evaluation": EVALUATION, "shape_per_kind": shape, "reused": reused is not None,
             "val_loss_lower_start": vals[0]["val_loss_lower"], "val_loss_lower_end": vals[-1]["val_loss_lower"],
-            "groups": report["groups"], "absent": report["absent"], "run_dir": str(run_dir(cfg))}
+            "groups": report["groups"], "absent": report["absent"], "shape": report.get("shape"),
+            "run_dir": str(run_dir(cfg))}
 
 
 def margins(result: dict) -> dict[str, float]:
@@ -103,6 +116,8 @@ def margins(result: dict) -> dict[str, float]:
     out["upper_alpha_transfer_margin_db"] = s["upper"]["transfer"]["base"]["margin_db"]
     out["upper_alpha_colour_following"] = s["upper"]["transfer"]["base"]["colour_following"]
     out["val_lower_end_over_start"] = result["val_loss_lower_end"] / result["val_loss_lower_start"]
+    # does the person take the given garment's shape? the LoRA's outline IoU and masked PSNR per kind
+    out.update((result.get("shape") or {}).get("metrics", {}))
     return out
 
 
@@ -112,6 +127,8 @@ def main() -> None:
     p.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--ray-data", action="store_true", help="generate with a Ray Data actor pool (same numbers)")
+    p.add_argument("--shape", type=int, default=SHAPE_PER_KIND,
+                   help="cross-type shape cases a kind in each evaluation; 0: skip (cost: see above)")
     p.add_argument("--out", default=str(ROOT / "outputs" / "learning_margins.json"))
     args = p.parse_args()
 
@@ -122,10 +139,11 @@ def main() -> None:
     results = []
     for seed in args.seeds:  # each seed's result is kept as it finishes: a crash loses one seed, not all
         done = Path(args.out).with_name(f"{Path(args.out).stem}_seed{seed}.json")
-        if done.is_file() and json.loads(done.read_text()).get("evaluation") == EVALUATION:
-            results.append(json.loads(done.read_text()))
+        kept = json.loads(done.read_text()) if done.is_file() else {}
+        if kept.get("evaluation") == EVALUATION and kept.get("shape_per_kind", 0) == args.shape:
+            results.append(kept)
             continue
-        results.append(run_seed(seed, args.config, args.set, ray_data=args.ray_data))
+        results.append(run_seed(seed, args.config, args.set, ray_data=args.ray_data, shape=args.shape))
         done.parent.mkdir(parents=True, exist_ok=True)
         done.write_text(json.dumps(results[-1], indent=2) + "\n")
         print(f"seed {seed} done: {done}", flush=True)
@@ -144,6 +162,12 @@ def main() -> None:
                   f"colour {t['base']['colour_following']:.3f} | {t['lora']['colour_following']:.3f}   "
                   f"strength {t['base'].get('colour_strength', float('nan')):.2f} | "
                   f"{t['lora'].get('colour_strength', float('nan')):.2f}")
+        if r.get("shape"):
+            print(f"  shape (cross-type cases; masks {r['shape']['mask_rules']})  outline IoU alpha | LoRA   "
+                  "masked PSNR alpha | LoRA")
+            for kind, k in r["shape"]["kinds"].items():
+                print(f"  {kind:22s} {k['n']:3d} cases  {k['base']['iou']:.3f} | {k['lora']['iou']:.3f}   "
+                      f"{k['base']['psnr']:5.2f} | {k['lora']['psnr']:5.2f}")
     all_m = [margins(r) for r in results]
     smallest = {k: min(m[k] for m in all_m) for k in all_m[0]}
     smallest["val_lower_end_over_start"] = max(m["val_lower_end_over_start"] for m in all_m)

@@ -23,13 +23,24 @@ beside it (catvton.eval.outfits). --outfits 0 skips them:
 
     python ray_jobs/evaluate.py --lora outputs/tiny-lora/lora --in-process --outfits 24
 
+Shape (offline only, issue 26): --shape N cases a kind of held-out people given a garment of another
+type (trousers_to_skirt, shorts_to_trousers, skirt_to_trousers, top_trousers_to_dress; people and
+garments from the --split pids, catvton.offline.shape), dressed by the service's path under the
+config's mask rule with the base and the LoRA, scored against the rendered truth: outline IoU and
+masked PSNR per kind (shape.<kind>.iou / .psnr in report.json and report.md, grid_shape_<kind>.png).
+Default 40 (the issue's least), 0 skips. Cost: 2 x 160 try-ons on top of the per-pair part (measured figure to come).
+
+    python ray_jobs/evaluate.py --lora outputs/tiny-lora/lora --in-process --max-per-group 2 --outfits 0 --shape 40
+
 The config is the LoRA's own training_config.json when it has one (else --config). Writes
-report.json, report.md and grid_<group>.png (and grid_outfits.png) to --out (default: <lora>/eval).
+report.json, report.md and grid_<group>.png (and grid_outfits.png, grid_shape_<kind>.png) to --out
+(default: <lora>/eval).
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="report folder (default: <lora>/eval)")
     p.add_argument("--outfits", type=int, default=24,
                    help="held-out synthetic outfits (person, top, bottom -> true photo) to score per region; 0: skip")
+    p.add_argument("--shape", type=int, default=40,
+                   help="held-out cross-type cases a kind (a skirt for a person in trousers, ...) for the shape "
+                        "benchmark; 0: skip (cost: see above)")
     args = p.parse_args(argv)
 
     from catvton.artifacts import LORA_WEIGHTS, REPORT_JSON, REPORT_MD, TRAINING_CONFIG
@@ -60,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     from catvton.eval.viton import VitonError, viton_samples
     from catvton.offline import resolve
     from catvton.offline.outfits import outfit_triples, triple_arrays
+    from catvton.offline.shape import held_out_plans, shape_cases
     from catvton.ray_utils import init_ray
 
     lora = Path(args.lora)
@@ -93,8 +108,19 @@ def main(argv: list[str] | None = None) -> int:
             outfits = evaluate_outfits(cfg, lora, triple_arrays(found), out)
     elif args.outfits > 0:
         print(f"outfits: not scored: their true photos exist only in the synthetic world (source {source})")
+    cases = None
+    if args.shape > 0 and not args.viton and cfg.data.source == SYNTHETIC:
+        drawn = time.perf_counter()
+        try:
+            cases = shape_cases(held_out_plans(cfg.data, args.split), per_kind=args.shape,
+                                size=cfg.data.synthetic_image_size)
+            print(f"shape: {len(cases)} cases drawn in {time.perf_counter() - drawn:.0f} s")
+        except ValueError as e:  # a small synthetic set (the rehearsal's) lacks some kind's people or garments
+            print(f"shape: not scored: {e} (--shape 0 skips it)")
+    elif args.shape > 0:
+        print(f"shape: not scored: its true photos exist only in the synthetic world (source {source})")
     report = evaluate(cfg, lora, samples, out, ray_data=not args.in_process, actors=args.actors, source=source,
-                      outfits=outfits)
+                      outfits=outfits, shape=cases)
     print(f"\n== evaluation ({source}) ==")
     for group, g in report["groups"].items():
         d = g["delta"]
@@ -109,9 +135,16 @@ def main(argv: list[str] | None = None) -> int:
                 t = g["transfer"]
                 margin = f"  margin {t['base']['margin_db']:+.2f} -> {t['lora']['margin_db']:+.2f} dB" if t else ""
                 print(f"  {run:6s} {region:5s} {g['base']['masked_psnr']:6.2f} -> {g['lora']['masked_psnr']:6.2f}{margin}")
+    if cases is not None:
+        s = report["shape"]
+        print(f"shape ({s['cases']} cases, {s['wall_s']:.0f} s; masks {s['mask_rules']}): base -> LoRA")
+        for kind, k in s["kinds"].items():
+            print(f"  {kind:22s} {k['n']:3d} cases  outline IoU {k['base']['iou']:.3f} -> {k['lora']['iou']:.3f}  "
+                  f"masked_psnr {k['base']['psnr']:6.2f} -> {k['lora']['psnr']:6.2f}")
     for k, v in report["absent"].items():
         print(f"absent: {k}: {v}")
     grids = [out / f"grid_{g}.png" for g in report["groups"]] + ([out / "grid_outfits.png"] if outfits else [])
+    grids += [out / name for name in report.get("shape", {}).get("grids", {}).values()]
     print(f"wrote {out / REPORT_JSON}, {out / REPORT_MD}, " + ", ".join(str(g) for g in grids))
     return 0
 

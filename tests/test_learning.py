@@ -1,5 +1,6 @@
 """Does the default job learn? (marker ``slow``: the whole default job, ~10 CPU minutes, then the
-one evaluation, :func:`catvton.eval.report.evaluate`, on every held-out pair.) Thresholds are half
+one evaluation, :func:`catvton.eval.report.evaluate`, on every held-out pair and on the shape
+benchmark's 40 cross-type cases a kind, which must be there.) Thresholds are half
 of the smallest margins seen over seeds 0, 1 and 2 with ``python bench/learning_margins.py --seeds
 0 1 2`` on the same evaluation (docs/PERFORMANCE.md); the garment-transfer margins must reach issue
 12's bar of 3 dB.
@@ -10,9 +11,12 @@ of the smallest margins seen over seeds 0, 1 and 2 with ``python bench/learning_
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
+
+from catvton.offline.shape import SHAPE_KINDS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,3 +72,12 @@ def test_default_job_learns_lower_body_and_keeps_tops(tmp_path, ray_session):
     for group in ("lower", "full"):
         assert result["groups"][group]["pids"] >= 40
     assert (Path(result["run_dir"]) / "eval" / "report.json").is_file()
+    # the shape benchmark (issue 26) is part of the evaluation: every kind, at least 40 held-out cases each
+    shape = result["shape"]
+    assert {k: v["n"] >= 40 for k, v in shape["kinds"].items()} == {k: True for k in SHAPE_KINDS}, shape["kinds"]
+    assert set(shape["metrics"]) == {f"shape.{k}.{q}" for k in SHAPE_KINDS for q in ("iou", "psnr")}
+    assert all(0.0 <= m[f"shape.{k}.iou"] <= 1.0 for k in SHAPE_KINDS), "margins() carries the LoRA's shape figures"
+    eval_dir = Path(result["run_dir"]) / "eval"
+    assert json.loads((eval_dir / "report.json").read_text())["shape"]["metrics"] == shape["metrics"]
+    assert "`shape.trousers_to_skirt.iou`" in (eval_dir / "report.md").read_text()
+    assert all((eval_dir / name).is_file() for name in shape["grids"].values())

@@ -33,12 +33,17 @@ Writes ``report.json`` (:data:`REPORT_KEYS`; each group :data:`GROUP_KEYS`), ``r
 table with deltas) and ``grid_<group>.png`` (garment | masked person | base | LoRA | ground truth).
 Given an outfit section (:func:`catvton.eval.outfits.evaluate_outfits`: a top and a bottom in one
 request, per region, against true outfit photos), ``report.json`` adds it under ``outfits`` and
-``report.md`` its table.
+``report.md`` its table. Given shape cases (:class:`catvton.eval.shape.ShapeCase`: held-out people
+given a garment of another type, with the rendered truth), the base and the LoRA dress them by the
+service's path and ``report.json`` adds ``shape`` (:data:`catvton.eval.shape.SECTION_KEYS`: per kind
+``n`` and the means, and the LoRA's ``shape.<kind>.iou`` / ``shape.<kind>.psnr`` under ``metrics``),
+``report.md`` its table and ``grid_shape_<kind>.png`` a grid per kind (:func:`catvton.eval.shape.evaluate_shape_models`).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +55,7 @@ from catvton.config import Config
 from catvton.eval import metrics as M
 from catvton.eval.generate import generate
 from catvton.eval.outfits import outfit_markdown
+from catvton.eval.shape import ShapeCase, evaluate_shape_models, shape_markdown
 from catvton.infer.tryon import grid_image
 
 PER_IMAGE = ("masked_psnr", "masked_ssim", "half_psnr", "half_ssim")
@@ -62,7 +68,8 @@ MODELS = ("base", "lora", "grey")
 """The scored models of a group: the base, the base + LoRA, the grey fill."""
 REPORT_KEYS = ("base", "transformer_override", "lora", "source", "generation", "seed", "steps", "guidance",
                "groups", "absent", "higher_is_better")
-"""The keys of ``report.json`` (plus ``outfits`` when :func:`evaluate` is given an outfit section)."""
+"""The keys of ``report.json`` (plus ``outfits`` when :func:`evaluate` is given an outfit section, and
+``shape`` when it is given shape cases)."""
 GROUP_KEYS = ("pairs", "pids", "metrics", "base", "lora", "grey", "delta", "transfer")
 """The keys of each group of a report: ``metrics`` lists the metric keys computed (:data:`METRICS`
 less the absent ones); ``base``, ``lora``, ``grey`` map each to its mean; ``delta`` is LoRA - base;
@@ -136,7 +143,7 @@ def transfer_scores(group: dict[str, Any], own: np.ndarray, swapped: np.ndarray)
 def evaluate(cfg: Config, lora_dir: str | Path, samples: dict[str, dict[str, Any]], out_dir: str | Path, *,
              ray_data: bool = False, actors: int = 1, batch_size: int = 8,
              extractor: torch.nn.Module | None = None, source: str = "",
-             outfits: dict[str, Any] | None = None) -> dict[str, Any]:
+             outfits: dict[str, Any] | None = None, shape: Sequence[ShapeCase] | None = None) -> dict[str, Any]:
     """Generate with the base and with the LoRA on ``samples`` (``{group: {"canvas", "mask",
     "garment_mask", "pid"}}``, e.g. :func:`catvton.eval.samples.held_out_samples`), score them and the grey fill,
     and write the report files into ``out_dir``. Returns the report (see the module docstring).
@@ -144,7 +151,9 @@ def evaluate(cfg: Config, lora_dir: str | Path, samples: dict[str, dict[str, Any
     ``cfg`` names concrete models (entry points resolve offline names first). ``ray_data``,
     ``actors``, ``batch_size``: how :func:`~catvton.eval.generate.generate` runs (not what it gives).
     ``extractor``: a feature network for FID/KID instead of Inception. ``outfits``: an outfit
-    section to add (:data:`catvton.eval.outfits.OUTFIT_KEYS`), as ``report["outfits"]``."""
+    section to add (:data:`catvton.eval.outfits.OUTFIT_KEYS`), as ``report["outfits"]``. ``shape``:
+    cross-type cases (``catvton.offline.shape.shape_cases``) to dress with both models in this
+    process (on CUDA when ``cfg.train.use_gpu`` and one is visible), as ``report["shape"]``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = list(samples)
@@ -184,9 +193,18 @@ def evaluate(cfg: Config, lora_dir: str | Path, samples: dict[str, dict[str, Any
               "groups": groups, "absent": absent, "higher_is_better": HIGHER_IS_BETTER}
     if outfits is not None:
         report["outfits"] = outfits
+    if shape is not None:
+        device = "cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu"
+        report["shape"] = evaluate_shape_models(cfg, lora_dir, shape, out, device=device, batch_size=batch_size)
+    write_report(report, out)
+    return report
+
+
+def write_report(report: dict[str, Any], out_dir: str | Path) -> None:
+    """``report.json`` and ``report.md`` (:func:`report_markdown`) of ``report`` in ``out_dir``."""
+    out = Path(out_dir)
     (out / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
     (out / REPORT_MD).write_text(report_markdown(report))
-    return report
 
 
 METRIC_NOTE = ("Scores on the person half against the ground truth: `masked_*` inside the try-on mask, `half_*` "
@@ -237,4 +255,6 @@ def report_markdown(report: dict[str, Any]) -> str:
     lines += [f"![{g}](grid_{g}.png)" for g in report["groups"]]
     if report.get("outfits"):
         lines += ["", outfit_markdown(report["outfits"])]
+    if report.get("shape"):
+        lines += ["", shape_markdown(report["shape"])]
     return "\n".join(lines) + "\n"

@@ -33,18 +33,31 @@ Two scores per case, both on the person photo (a result the size of the truth):
 (``{kind: {"iou", "psnr", "n"}}``), the per-case rows and the results; :func:`shape_metrics`
 names the means as a report does (``shape.<kind>.iou``); :func:`shape_grids` draws one image per
 kind (input | garment | result | truth | IoU overlay).
+
+In the evaluation report (:func:`catvton.eval.report.evaluate`, given cases): :func:`service_tryon`
+is the try-on measured, the service's own request path (:meth:`catvton.infer.serving.TryOnService.dress_many`:
+the config's mask rule on ``case.mask`` for ``case.group``, the garment cut out by its mask as
+training cuts it, the generated half pasted back at the photo's size, uint8); :func:`evaluate_shape_models`
+dresses the cases with the base and with the base + LoRA and :func:`shape_section` makes the
+report's ``shape`` section (:data:`SECTION_KEYS`), :func:`shape_markdown` its table in ``report.md``.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from catvton.config import Config
 from catvton.data.masks import iou
 from catvton.eval.metrics import masked_psnr
+from catvton.eval.outfits import dress_all
+from catvton.infer.outfit import OutfitRequest, Piece
+from catvton.infer.serving import TryOnService
 
 OUTLINE_THRESHOLD = 30.0
 """RGB distance (Euclidean, 0-255 channels) under which a pixel counts as the garment's colour."""
@@ -149,10 +162,9 @@ def shape_metrics(summary: dict[str, dict[str, float]]) -> dict[str, float]:
     return {f"shape.{k}.{m}": v[m] for k, v in summary.items() for m in ("iou", "psnr")}
 
 
-def evaluate_shape(cases: Sequence[ShapeCase], tryon: TryOn
-                   ) -> tuple[dict[str, dict[str, float]], list[dict], np.ndarray]:
-    """Dress every case with ``tryon`` (one call per kind) and score it: (:func:`shape_summary`,
-    :func:`score_shape_cases`' rows, the results ``(N, S, S, 3)`` uint8 in case order)."""
+def dress_cases(cases: Sequence[ShapeCase], tryon: TryOn) -> np.ndarray:
+    """Every case dressed by ``tryon``, one call per kind: ``(N, S, S, 3)`` uint8 in case order;
+    ValueError when ``tryon`` gives other shapes or another dtype."""
     if not cases:
         raise ValueError("no shape cases to evaluate: catvton.offline.shape.shape_cases draws them")
     results: list[np.ndarray | None] = [None] * len(cases)
@@ -162,9 +174,30 @@ def evaluate_shape(cases: Sequence[ShapeCase], tryon: TryOn
         _check_uint8(dressed, (len(at), *cases[at[0]].truth.shape))
         for i, img in zip(at, dressed):
             results[i] = img
-    stacked = np.stack(results)
+    return np.stack(results)
+
+
+def evaluate_shape(cases: Sequence[ShapeCase], tryon: TryOn
+                   ) -> tuple[dict[str, dict[str, float]], list[dict], np.ndarray]:
+    """Dress every case with ``tryon`` (:func:`dress_cases`) and score it: (:func:`shape_summary`,
+    :func:`score_shape_cases`' rows, the results ``(N, S, S, 3)`` uint8 in case order)."""
+    stacked = dress_cases(cases, tryon)
     rows = score_shape_cases(cases, stacked)
     return shape_summary(rows), rows, stacked
+
+
+def service_tryon(service: TryOnService, seed: int, batch_size: int = 8) -> TryOn:
+    """The production try-on as a :data:`TryOn`: each case is one request to ``service``
+    (:meth:`~catvton.infer.serving.TryOnService.dress_many`, the server's path): the person photo,
+    ``case.mask`` as the worn garment's mask for ``case.group`` (generalised by the config's mask
+    rule, ``mask.<group>_rule``: what is measured), the product shot with its mask (cut out as
+    training cuts a garment), and the picture at the photo's size, uint8. Case ``i`` of a kind
+    draws its noise from ``seed + i`` (the same for every model)."""
+    def dress(cases: Sequence[ShapeCase]) -> np.ndarray:
+        requests = [OutfitRequest(c.person, [Piece(c.group, c.garment, garment_mask=c.garment_mask, mask=c.mask)],
+                                  seed=seed + i) for i, c in enumerate(cases)]
+        return np.stack([d.image for d in dress_all(service, requests, batch_size)])
+    return dress
 
 
 _HIT, _EXTRA, _MISSED = (0, 170, 0), (220, 30, 30), (40, 90, 255)
@@ -202,3 +235,88 @@ def shape_grids(cases: Sequence[ShapeCase], results: np.ndarray, rows: int = GRI
             draw.text((4 * size + 2, 14 + row * size + 2), f"{value:.2f}", fill="black")
         grids[kind] = img
     return grids
+
+
+# ----------------------------------------------------------------------------------------------
+# The report's shape section (catvton.eval.report.evaluate, given cases)
+
+MODELS = ("base", "lora")
+"""The models a report's shape section scores: the base (with its transformer override) and the base + LoRA."""
+GRID_FILE = "grid_shape_{kind}.png"
+"""A kind's grid beside the report (:func:`shape_grids` on the LoRA's results)."""
+SECTION_KEYS = ("cases", "size", "threshold", "kinds", "metrics", "grids", "seed", "steps", "guidance",
+                "mask_rules", "wall_s")
+"""The keys of the shape section (``report.json``'s ``shape``): ``cases`` (how many in all), ``size``
+(the photos' side, px), ``threshold`` (:data:`OUTLINE_THRESHOLD`), ``kinds`` (:data:`KIND_KEYS` per
+kind), ``metrics`` (the LoRA's means by report name, ``shape.<kind>.iou`` and ``shape.<kind>.psnr``:
+:func:`shape_metrics`), ``grids`` (kind -> file name), then how the cases were dressed: ``seed``
+(case ``i`` of a kind: ``seed + i``), ``steps``, ``guidance``, ``mask_rules`` (group -> the config's
+rule, the thing measured) and ``wall_s``."""
+KIND_KEYS = ("n", "base", "lora", "delta")
+"""The keys of one kind: ``n`` (cases), ``base`` and ``lora`` (``{"iou", "psnr"}``: means over the
+kind), ``delta`` (LoRA - base)."""
+
+
+def shape_section(cases: Sequence[ShapeCase], results: dict[str, np.ndarray], out_dir: str | Path | None = None
+                  ) -> dict[str, Any]:
+    """The scores of a report's shape section from the dressed cases, ``results[model]`` ``(N, S, S, 3)``
+    uint8 in case order for each of :data:`MODELS`; with ``out_dir``, each kind's grid of the LoRA's
+    results is written there (:data:`GRID_FILE`). The keys of :data:`SECTION_KEYS` up to ``grids``
+    (:func:`evaluate_shape_models` adds how the cases were dressed)."""
+    summary = {m: shape_summary(score_shape_cases(cases, results[m])) for m in MODELS}
+    kinds = {k: {"n": summary["lora"][k]["n"], **{m: {q: summary[m][k][q] for q in ("iou", "psnr")} for m in MODELS},
+                 "delta": {q: summary["lora"][k][q] - summary["base"][k][q] for q in ("iou", "psnr")}}
+             for k in summary["lora"]}
+    grids = {k: GRID_FILE.format(kind=k) for k in kinds}
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for kind, img in shape_grids(cases, results["lora"]).items():
+            img.save(out / grids[kind])
+    return {"cases": len(cases), "size": int(cases[0].truth.shape[0]), "threshold": OUTLINE_THRESHOLD,
+            "kinds": kinds, "metrics": shape_metrics(summary["lora"]), "grids": grids}
+
+
+def evaluate_shape_models(cfg: Config, lora_dir: str | Path, cases: Sequence[ShapeCase],
+                          out_dir: str | Path | None = None, *, device: str = "cpu", batch_size: int = 8
+                          ) -> dict[str, Any]:
+    """Dress ``cases`` with the base of ``cfg`` and with the base + ``lora_dir``, each loaded once as
+    the service loads it (:meth:`~catvton.infer.serving.TryOnService.from_config`) and run through
+    :func:`service_tryon`, and score them: the report's shape section (:data:`SECTION_KEYS`), the
+    grids written to ``out_dir``. ``cfg`` names concrete models (entry points resolve offline names)."""
+    start = time.perf_counter()
+    results = {}
+    for model, weights in (("base", None), ("lora", lora_dir)):
+        service = TryOnService.from_config(cfg, lora=weights, device=device)
+        results[model] = dress_cases(cases, service_tryon(service, cfg.infer.seed, batch_size))
+        del service
+    section = shape_section(cases, results, out_dir)
+    groups = dict.fromkeys(c.group for c in cases)
+    return {**section, "seed": cfg.infer.seed, "steps": cfg.infer.steps, "guidance": cfg.infer.guidance,
+            "mask_rules": {g: getattr(cfg.mask, f"{g}_rule") for g in groups},
+            "wall_s": round(time.perf_counter() - start, 1)}
+
+
+SHAPE_NOTE = ("Shape: held-out people given a garment of another type (trousers_to_skirt: a person in trousers "
+              "given a skirt, and so on), dressed by the service's path under the config's mask rule and scored "
+              "against the rendered truth of that person in that garment. `iou`: outline IoU, the pixels within RGB "
+              "distance {threshold:g} of the given garment's colour against the truth's garment pixels (1: the given "
+              "garment's outline; low: the worn garment's); `psnr`: masked PSNR (dB) where the change may touch "
+              "(the worn and the new garment). Grids: input | garment | LoRA | truth | IoU overlay (green: both, "
+              "red: only the result, blue: only the truth).")
+
+
+def shape_markdown(section: dict[str, Any]) -> str:
+    """The shape section of ``report.md``: one line per report name (``shape.<kind>.iou``,
+    ``shape.<kind>.psnr``), base vs LoRA with the delta, then the note and the grids."""
+    rules = section.get("mask_rules")
+    how = f"; masks {', '.join(f'{g}: {r}' for g, r in rules.items())}" if rules else ""
+    rows = [f"## Shape ({section['cases']} held-out cross-type cases at {section['size']} px{how})", "",
+            "| metric | cases | base | LoRA | delta |", "|---|---:|---:|---:|---:|"]
+    for kind, k in section["kinds"].items():
+        for q, fmt in (("iou", ".3f"), ("psnr", ".2f")):
+            rows.append(f"| `shape.{kind}.{q}` | {k['n']} | {k['base'][q]:{fmt}} | {k['lora'][q]:{fmt}} | "
+                        f"{k['delta'][q]:+{fmt}} |")
+    rows += ["", SHAPE_NOTE.format(threshold=section["threshold"]), ""]
+    rows += [f"![{kind}]({name})" for kind, name in section["grids"].items()]
+    return "\n".join(rows)
