@@ -3,6 +3,7 @@
     python -m catvton.offline.ship --status    # which shipped folders the preset uses now (instant)
     python -m catvton.offline.ship --refresh   # build both from scratch (~10 CPU minutes), replace them
     python -m catvton.offline.ship --check     # build both from scratch and compare with the shipped ones
+    python -m catvton.offline.ship --refresh --keep-base   # the alpha alone, on the shipped base
 
 Both builds are deterministic on one machine (fixed seeds, fixed torch thread counts, batches in
 a seeded order), so ``--check`` expects identical tensors. Another CPU or torch build may round
@@ -69,11 +70,22 @@ def _fresh_cache(folder: Path):
                 os.environ[k] = v
 
 
-def build_from_scratch(cache: Path, config: Path = PRESET, log: Callable[[str], None] = print) -> tuple[Path, Path]:
-    """Build the tiny base and the alpha of ``config`` into the empty cache ``cache``; their folders."""
+def build_from_scratch(cache: Path, config: Path = PRESET, log: Callable[[str], None] = print,
+                       keep_base: bool = False) -> tuple[Path, Path]:
+    """Build the tiny base and the alpha of ``config`` into the empty cache ``cache``; their folders.
+    ``keep_base``: the base is the shipped folder of its current key (its digests verified), and
+    only the alpha is built, on it."""
     from catvton.offline import resolve
+    from catvton.offline.tiny_base import ensure_tiny_base, tiny_base_key
 
     with _fresh_cache(cache):
+        if keep_base:
+            if not (prebuilt.HERE / tiny_base_key()).is_dir():
+                raise SystemExit(f"--keep-base: no shipped base of the current key {tiny_base_key()}; the base's "
+                                 "code changed since the last refresh: run without --keep-base")
+            os.environ[prebuilt.SWITCH] = "1"
+            ensure_tiny_base(log=log)  # the shipped copy (verified), so resolve builds the alpha alone
+            os.environ[prebuilt.SWITCH] = "0"
         cfg = resolve(load_config(config), log=log)
     return Path(cfg.model.base), Path(cfg.model.transformer_override)
 
@@ -155,14 +167,16 @@ def compare(shipped: Path, rebuilt: Path) -> dict:
     return out
 
 
-def refresh(log: Callable[[str], None] = print) -> list[Path]:
-    """Build both from scratch and make them the shipped folders (the old ones are removed)."""
+def refresh(log: Callable[[str], None] = print, keep_base: bool = False) -> list[Path]:
+    """Build both from scratch (the alpha alone with ``keep_base``) and make them the shipped
+    folders (the old ones are removed)."""
     with tempfile.TemporaryDirectory(prefix="catvton-ship-") as tmp:
-        base, alpha = build_from_scratch(Path(tmp), log=log)
+        base, alpha = build_from_scratch(Path(tmp), log=log, keep_base=keep_base)
         for old in prebuilt.folders():
-            shutil.rmtree(old)
+            if not (keep_base and old.name == base.name):
+                shutil.rmtree(old)
         out = []
-        for folder in (base, alpha):
+        for folder in (alpha,) if keep_base else (base, alpha):
             dst = prebuilt.HERE / folder.name
             # the base's transformer is its seeded random init: the copy re-makes it (ensure_tiny_base)
             shutil.copytree(folder, dst, ignore=shutil.ignore_patterns("transformer") if folder == base else None)
@@ -171,12 +185,13 @@ def refresh(log: Callable[[str], None] = print) -> list[Path]:
     return out
 
 
-def check(log: Callable[[str], None] = print) -> dict:
-    """Build both from scratch and compare each with the shipped folder of the same key."""
+def check(log: Callable[[str], None] = print, keep_base: bool = False) -> dict:
+    """Build both from scratch (the alpha alone with ``keep_base``) and compare each with the
+    shipped folder of the same key."""
     with tempfile.TemporaryDirectory(prefix="catvton-ship-") as tmp:
-        base, alpha = build_from_scratch(Path(tmp), log=log)
+        base, alpha = build_from_scratch(Path(tmp), log=log, keep_base=keep_base)
         result = {}
-        for folder in (base, alpha):
+        for folder in (alpha,) if keep_base else (base, alpha):
             shipped = prebuilt.HERE / folder.name
             if not shipped.is_dir():
                 result[folder.name] = {"ok": False, "reason": "not shipped: the shipped folders are stale (--refresh)"}
@@ -201,7 +216,13 @@ def main(argv: Iterable[str] | None = None) -> int:
     g.add_argument("--status", action="store_true", help="print the keys the preset wants and what is shipped")
     g.add_argument("--refresh", action="store_true", help="rebuild from scratch and replace the shipped folders")
     g.add_argument("--check", action="store_true", help="rebuild from scratch and compare (exit 1 if out of tolerance)")
+    p.add_argument("--keep-base", action="store_true",
+                   help="with --refresh or --check: take the shipped base of the current key as it is (a "
+                        "--check of it passed: it is what its code makes) and build only the alpha (~1/3 "
+                        "of the time); refused when the base's key changed")
     args = p.parse_args(list(argv) if argv is not None else None)
+    if args.keep_base and args.status:
+        p.error("--keep-base goes with --refresh or --check")
     if args.status:
         base, alpha = wanted(load_config(PRESET))
         shipped = [f.name for f in prebuilt.folders()]
@@ -212,10 +233,10 @@ def main(argv: Iterable[str] | None = None) -> int:
         print(message, file=sys.stderr)
 
     if args.refresh:
-        for folder in refresh(log=log):
+        for folder in refresh(log=log, keep_base=args.keep_base):
             print(f"shipped: {folder}")
         return 0
-    result = check(log=log)
+    result = check(log=log, keep_base=args.keep_base)
     print(json.dumps(result, indent=2))
     return 0 if all(r["ok"] for r in result.values()) else 1
 
