@@ -27,6 +27,10 @@ from pathlib import Path
 import pytest
 
 from catvton.artifacts import CHECKPOINTS_LOG
+
+# each job here may take its finish()'s 1200 s on 2 shared CPUs (the lost-worker fixture: up to 1200 s
+# before its kill, then 1200 s to finish); the default tier's 900 s per test cut them off mid-job
+pytestmark = pytest.mark.timeout(2700)
 from catvton.config.rehearsal import as_set_arguments, rehearsal_config, rehearsal_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,20 +142,38 @@ def job_sets(head: Head, *extra: str) -> list[str]:
         f"run.storage_path=s3://{BUCKET}/ray", f"run.output_dir={head.out}", "run.wandb_mode=disabled", *extra])]
 
 
-def submit(head: Head, *args: str) -> subprocess.Popen:
+class Submitted(subprocess.Popen):
+    """A ``ray job submit`` client process and the id of the job it submitted."""
+    head: Head
+    job_id: str
+
+
+def submit(head: Head, *args: str) -> Submitted:
     """``ray job submit --working-dir . -- python <args>``, as the README documents it; the S3
     endpoint travels in the job's runtime env, the way a user passes theirs."""
     runtime_env = {"env_vars": {k: head.env[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
                                                           "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
                                                           "CATVTON_CACHE") if k in head.env}}
-    return subprocess.Popen(
+    job_id = f"rehearsal-{Path(args[0]).stem}-{time.monotonic_ns()}"
+    proc = Submitted(
         [str(BIN / "ray"), "job", "submit", "--address", head.address, "--working-dir", str(ROOT),
-         "--runtime-env-json", json.dumps(runtime_env), "--", "python", *args],
+         "--submission-id", job_id, "--runtime-env-json", json.dumps(runtime_env), "--", "python", *args],
         cwd=ROOT, env=head.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc.head, proc.job_id = head, job_id
+    return proc
 
 
-def finish(proc: subprocess.Popen, timeout: float = 1200) -> str:
-    out, _ = proc.communicate(timeout=timeout)
+def finish(proc: Submitted, timeout: float = 1200) -> str:
+    """The job's output once it has ended with exit code 0. A job that has not ended (this wait
+    timed out, or the test was interrupted) is stopped on the head: left running, it took the
+    CPUs of the jobs the next tests submitted, and they timed out in turn."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            subprocess.run([str(BIN / "ray"), "job", "stop", "--address", proc.head.address, proc.job_id],
+                           env=proc.head.env, capture_output=True, timeout=120)
+            proc.kill()
     assert proc.returncode == 0, out[-6000:]
     return out
 
@@ -202,12 +224,14 @@ def trained(head, s3_env):
     Returns the job's output, the killed pid and the checkpoints recorded before the kill."""
     proc = submit(head, "ray_jobs/train.py", *job_sets(head, f"run.name={RUN}"))
     deadline, killed, recorded = time.monotonic() + 1200, None, []
-    while killed is None and proc.poll() is None and time.monotonic() < deadline:
-        recorded = reported_checkpoints(head.out / RUN)
-        if len(recorded) >= 3:
-            killed = kill_a_train_worker(head)
-        time.sleep(0.2)
-    out = finish(proc)
+    try:
+        while killed is None and proc.poll() is None and time.monotonic() < deadline:
+            recorded = reported_checkpoints(head.out / RUN)
+            if len(recorded) >= 3:
+                killed = kill_a_train_worker(head)
+            time.sleep(0.2)
+    finally:
+        out = finish(proc)
     return out, killed, recorded
 
 
