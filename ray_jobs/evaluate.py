@@ -28,7 +28,9 @@ type (trousers_to_skirt, shorts_to_trousers, skirt_to_trousers, top_trousers_to_
 garments from the --split pids, catvton.offline.shape), dressed by the service's path under the
 config's mask rule with the base and the LoRA, scored against the rendered truth: outline IoU and
 masked PSNR per kind (shape.<kind>.iou / .psnr in report.json and report.md, grid_shape_<kind>.png).
-Default 40 (the issue's least), 0 skips. Cost: 2 x 160 try-ons on top of the per-pair part (measured figure to come).
+Default 40 (the issue's least), 0 skips. Cost on the tiny default (8 steps, 2 shared CPUs, measured
+2026-12-07): ~2 minutes, 7 s to draw the 160 cases and 116 s for their 2 x 160 try-ons and scores (the
+whole command below: 157 s); the per-pair part over every test pair is ~1900 try-ons.
 
     python ray_jobs/evaluate.py --lora outputs/tiny-lora/lora --in-process --max-per-group 2 --outfits 0 --shape 40
 
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="held-out synthetic outfits (person, top, bottom -> true photo) to score per region; 0: skip")
     p.add_argument("--shape", type=int, default=40,
                    help="held-out cross-type cases a kind (a skirt for a person in trousers, ...) for the shape "
-                        "benchmark; 0: skip (cost: see above)")
+                        "benchmark; 0: skip (~2 min on the tiny default: see above)")
     args = p.parse_args(argv)
 
     from catvton.artifacts import LORA_WEIGHTS, REPORT_JSON, REPORT_MD, TRAINING_CONFIG
