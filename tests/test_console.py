@@ -122,6 +122,8 @@ while not go.exists():  # both Rays stay up until the test has read both
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # two Rays started side by side (~30-45 s); the default tier starts init_ray's local Ray
+# in every Ray test and checks its console in the progress-line test above
 def test_two_local_jobs_started_at_once_get_their_own_ray(tmp_path):
     env = _env()
     infos, go = [tmp_path / "a.json", tmp_path / "b.json"], tmp_path / "go"

@@ -253,6 +253,8 @@ def test_same_config_reuses_the_cache(built, cfg, monkeypatch):
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # a second cache through Ray Data (~30-60 s); without Ray: the key's inputs
+# (tests/test_cache_keys.py) and bad rows counted with their reason (test_pair_builder_makes_canvases_and_counts_bad_rows)
 def test_new_canvas_and_planted_bad_row_build_a_new_cache(built, tmp_path, cfg):
     """A hub-layout folder with a planted bad row, at a 48x64 half: a new folder, smaller
     latents, and the bad row counted under its reason."""

@@ -16,7 +16,7 @@ from conftest import ROOT
 
 from catvton.config import load_config
 from catvton.data.masks import general_mask
-from catvton.eval.report import HIGHER_IS_BETTER, write_report
+from catvton.eval.report import HIGHER_IS_BETTER, write_evaluation
 from catvton.eval.shape import (
     GRID_FILE,
     KIND_KEYS,
@@ -54,7 +54,7 @@ def test_the_report_carries_shape_metrics_per_kind_and_a_table(cases, tmp_path):
     section = shape_section(cases, {"base": _stack(cases, "person"), "lora": _stack(cases, "truth")}, tmp_path)
     assert list(section) == list(SECTION_KEYS[:SECTION_KEYS.index("grids") + 1])
     section.update(seed=0, steps=8, guidance=1.0, mask_rules={"lower": "hull", "full": "hull"}, wall_s=0.0)
-    write_report(_report(section), tmp_path)
+    write_evaluation(_report(section), tmp_path)
 
     report = json.loads((tmp_path / "report.json").read_text())
     shape = report["shape"]

@@ -214,6 +214,8 @@ def test_a_rerun_with_another_schedule_is_refused_or_continues_never_passed_off(
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # a fit through Ray Train that diverges (~45 s); the step's own stop and message:
+# tests/test_engine.py (NonFiniteLoss, non_finite_message)
 def test_a_nonfinite_loss_stops_the_run_with_the_step_and_checkpoint(tmp_path, small_cache):
     from catvton.train.job import checkpoint_state, fit
     from catvton.train.engine import NonFiniteLoss

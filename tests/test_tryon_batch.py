@@ -153,6 +153,8 @@ def test_a_killed_job_resumes_without_redoing_finished_images(catalogue, full_ru
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # a batch job of its own (~50 s); an outfit's passes and masks: tests/test_outfits.py,
+# the batch job itself: test_every_person_in_every_garment
 def test_an_outfit_row_dresses_the_top_and_the_bottom(catalogue, ray_session, tmp_path):
     summary = _run(catalogue, tmp_path / "out", "--outfits", str(catalogue["outfits"]))
     cat = scan_catalogue(catalogue["people"], catalogue["garments"], catalogue["outfits"])

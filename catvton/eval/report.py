@@ -196,11 +196,11 @@ def evaluate(cfg: Config, lora_dir: str | Path, samples: dict[str, dict[str, Any
     if shape is not None:
         device = "cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu"
         report["shape"] = evaluate_shape_models(cfg, lora_dir, shape, out, device=device, batch_size=batch_size)
-    write_report(report, out)
+    write_evaluation(report, out)
     return report
 
 
-def write_report(report: dict[str, Any], out_dir: str | Path) -> None:
+def write_evaluation(report: dict[str, Any], out_dir: str | Path) -> None:
     """``report.json`` and ``report.md`` (:func:`report_markdown`) of ``report`` in ``out_dir``."""
     out = Path(out_dir)
     (out / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
