@@ -101,19 +101,35 @@ def test_easy_train_test_is_a_proof_run_with_a_report(ray_session, tmp_path):
 
     from catvton.offline.alpha import is_alpha
 
-    # lr 1e-3: at the preset's 4e-3 after 2 warm-up steps the first 6 steps unsettle the shipped alpha
-    # on every group (the default proof run, 30 steps with 20 of warm-up on the whole set, does fall:
-    # 0.65 -> 0.61), and the report rightly says the loss did not fall; this test is about the report
-    result = invoke("test", "--steps", "6", *sets(tmp_path, "run.wandb_mode=disabled", "train.lr=1e-3"))  # the default --gpu L40S
+    # Six steps decide nothing about learning (the default proof run is 30, with 20 of warm-up; the
+    # learning itself is judged in test_default_job on the fixed validation set): whether the val loss
+    # fell in six steps depends on the machine's float sums (it rose 0.938 -> 0.957 on CI's machine
+    # and fell on this one). This test is about the report: it must say what the run's own record
+    # shows, either way, and exit 1 exactly when it found a problem.
+    result = invoke("test", "--steps", "6", *sets(tmp_path, "run.wandb_mode=disabled"))  # the preset's lr, --gpu L40S
     run_dir = tmp_path / "out" / "tiny-lora-test"
-    assert result.exit_code == 0, result.output
     out = result.output
-    assert "predicted for tiny-alpha-" in out and "on CPU:" in out and "predicted for FLUX" not in out
-    assert "problems found: none" in out and f"report: {run_dir / 'test_report.json'}" in out
-    assert "(no GPU)" in out
-
+    assert "predicted for tiny-alpha-" in out and "on CPU:" in out and "predicted for FLUX" not in out, out
+    assert f"report: {run_dir / 'test_report.json'}" in out and "(no GPU)" in out, out
+    checkpoints = checkpoint_dirs(tmp_path / "ray" / "tiny-lora-test")
+    assert len(checkpoints) == 1, checkpoints
+    history = artifacts.loss_history(checkpoints[0])
+    assert [h["step"] for h in history] == [0, 2, 4, 6], history  # validation every 2; metrics every 25 (job.LOG_EVERY)
+    # the finding recomputed from the checkpoint's raw validation numbers: the groups the preset
+    # teaches (lower, full), first validation against the last
+    val = [(h["val_loss_lower"] + h["val_loss_full"]) / 2 for h in history if "val_loss" in h]
+    fell = val[-1] < val[0]
     report = json.loads((run_dir / "test_report.json").read_text())
-    assert report["steps"] == 6 and report["findings"] == []
+    if fell:
+        assert result.exit_code == 0 and report["findings"] == [] and "problems found: none" in out, out
+    else:
+        assert result.exit_code == 1, out
+        (finding,) = report["findings"]
+        assert finding == (f"val loss of lower, full did not fall ({val[0]:.4f} -> {val[-1]:.4f}): "
+                           "try a lower train.lr or more steps"), finding
+        assert f"  - {finding}" in out and "problems found: none" not in out
+
+    assert report["steps"] == 6
     assert report["final"]["step"] == 6
     assert report["memory_mb"]["peak_rss_mb"] > 100 and report["memory_mb"]["peak_cuda_mb"] == 0
     assert report["loss_curve"] == str(run_dir / "loss_curve.png") and Path(report["loss_curve"]).stat().st_size > 5000
@@ -125,22 +141,47 @@ def test_easy_train_test_is_a_proof_run_with_a_report(ray_session, tmp_path):
     assert training["run"]["name"] == "tiny-lora-test"
     assert is_alpha(Path(training["model"]["transformer_override"])), "the preset's tiny-alpha, resolved"
     assert (run_dir / "lora" / artifacts.LORA_WEIGHTS).stat().st_size > 0
-    checkpoints = checkpoint_dirs(tmp_path / "ray" / "tiny-lora-test")
-    assert len(checkpoints) == 1, checkpoints
-    history = artifacts.loss_history(checkpoints[0])
-    assert [h["step"] for h in history] == [0, 2, 4, 6], history  # validation every 2; metrics every 25 (job.LOG_EVERY)
-    # the run learned, judged on what a run that does not learn (lr 0, a frozen LoRA) cannot show, at
-    # any lr: every LoRA B left its zero init (Adam's first step alone moves each weight by about
-    # lr / warmup_steps = 5e-4), and the fixed validation (same pairs, same noise: the same number
+    # the run trained, judged on what a run that does not (lr 0, a frozen LoRA) cannot show: every
+    # LoRA B left its zero init (Adam's first step alone moves each weight by about lr / warmup_steps
+    # = 2e-3 at the preset's 4e-3), and the fixed validation (same pairs, same noise: the same number
     # for the same weights) gave another value at every validation. Whether the loss *fell* is the
-    # report's finding (none above), at the lr this test runs.
+    # report's finding, checked above against the record.
     with safe_open(str(run_dir / "lora" / artifacts.LORA_WEIGHTS), "pt") as f:
         names = f.keys()  # a safetensors handle: not iterable itself
         moved = {k: float(f.get_tensor(k).abs().max()) for k in names if "lora_B" in k}
     assert moved and min(moved.values()) > 1e-4, moved
-    vals = [(h["val_loss_lower"] + h["val_loss_full"]) / 2 for h in history if "val_loss" in h]
-    assert len(set(vals)) == len(vals) == 4, vals
+    assert len(set(val)) == len(val) == 4, val
     assert sorted(p.name for p in run_dir.glob("samples_step*.png")) == ["samples_step000006.png"]
+
+
+class _Outcome:
+    def __init__(self, cache_dir):
+        self.cache_dir = cache_dir
+
+
+@pytest.mark.parametrize("lower, full, upper, expected", [
+    ((0.90, 0.85, 0.80), (0.70, 0.68, 0.66), (0.30, 0.32, 0.35), None),  # taught groups fall; upper may rise
+    ((0.90, 0.92, 0.95), (0.70, 0.71, 0.72), (0.30, 0.28, 0.26), "val loss of lower, full did not fall (0.8000 -> 0.8350)"),
+    ((0.90, 0.80, 0.91), (0.70, 0.60, 0.70), (0.30, 0.30, 0.30), "val loss of lower, full did not fall (0.8000 -> 0.8050)"),
+])
+def test_the_proof_runs_finding_is_the_taught_groups_val_loss_first_against_last(tmp_path, lower, full, upper,
+                                                                                   expected):
+    """The rule the report applies, on planted histories: the mean val loss of the groups the run
+    teaches, first validation against the last; the upper body's share is not judged."""
+    from easy_train import _findings
+
+    from catvton.cache.read import MANIFEST
+
+    (tmp_path / MANIFEST).write_text(json.dumps({"counts": {"val": {"lower": 4}, "test": {"lower": 4}}}))
+    history = [{"step": 2 * i, "val_loss": (lo + fu + up) / 3, "val_loss_lower": lo, "val_loss_full": fu,
+                "val_loss_upper": up} for i, (lo, fu, up) in enumerate(zip(lower, full, upper))]
+    found = _findings(_Outcome(tmp_path), history, ["lower", "full"])
+    assert found == ([] if expected is None else [f"{expected}: try a lower train.lr or more steps"])
+    (tmp_path / MANIFEST).write_text(json.dumps({"counts": {"val": {"lower": 0}, "test": {"lower": 4}},
+                                                 "skipped": {"bad_rows": {"empty mask": 3}}}))
+    found = _findings(_Outcome(tmp_path), history, ["lower", "full"])
+    assert found[:2] == ["3 bad rows were excluded {'empty mask': 3}: run `easy_train.py setup` for details",
+                         "no val pairs: raise data.val_fraction or use more data"]
 
 
 @pytest.mark.slow  # ~70 s; the docs tier's slow `full --hub-dry-run` run covers the command too
