@@ -231,3 +231,63 @@ def ray_session():
     # of no use afterwards, and one was left in /tmp by every run
     if temp is not None and temp.name.startswith("rct") and temp.parent == Path("/tmp"):
         shutil.rmtree(temp, ignore_errors=True)
+
+
+RAY_NOISE = ["Failed to query Ray Train Controller", "TrainingReport(", "Reporting training result",
+             "Running Dataset", "(raylet)", "low on memory", "(RayTrainWorker", "(TrainController"]
+"""Ray's per-report, per-epoch and memory-monitor output, and worker lines forwarded to the
+driver: none of it belongs on a training job's console."""
+
+
+def job_env() -> dict[str, str]:
+    """The environment of an entry point a test runs as a user does: a local Ray of its own."""
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)  # a local job, whatever the shell that runs pytest points at
+    return env
+
+
+def remove_ray_temps(console: str) -> None:
+    """The temp dirs of the local Rays a finished job named (``Ray's logs: /tmp/rct.../session_.../logs``)."""
+    import re
+
+    for temp in re.findall(r"Ray's logs: (/tmp/rct[^/\s]+)/", console):
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def run_console_job(argv: list[str], timeout: float = 1500) -> tuple[int, str]:
+    """Run an entry point in a subprocess; its exit code and console (stdout + stderr), its local
+    Ray's temp dir removed once it ended."""
+    import subprocess
+
+    # bytes, decoded here: text mode would turn each "\r" of a redrawn bar into a line of its own
+    done = subprocess.run(argv, cwd=ROOT, env=job_env(), capture_output=True, timeout=timeout)
+    console = (done.stdout + done.stderr).decode(errors="replace")
+    remove_ray_temps(console)
+    return done.returncode, console
+
+
+def check_console(console: str, run_name: str, steps: int, run_dir: Path) -> None:
+    """What a training job's console and run folder must show: few lines, none of Ray's chatter, a
+    plain progress line ending at ``steps``/``steps``, and Ray's own output copied into the run's
+    ``ray_logs`` with the workers' per-report lines and no placement-group cleaner warning."""
+    # lines as a terminal (and `wc -l`) counts them: a bar redrawn with "\r" is one line
+    lines = console.split("\n")
+    assert len(lines) < 150, console[-6000:]
+    for noise in RAY_NOISE:
+        assert noise not in console, (noise, console[-4000:])
+    # not a terminal: a plain progress line at each tenth of the run, the last one at the end
+    progress = [line for line in lines if line.startswith(f"{run_name} ") and " steps " in line]
+    assert progress and progress[-1].startswith(f"{run_name} {steps}/{steps} steps 100% · loss "), lines
+    assert " s/step · ETA " in progress[-1] and " lr " in progress[-1], progress[-1]
+    assert "Ray: local instance, dashboard http://127.0.0.1:" in console
+    (session,) = (run_dir / "ray_logs").iterdir()  # a copy of this job's Ray session logs, not a link
+    assert session.name.startswith("session_") and session.is_dir() and not session.is_symlink()
+    assert f"Ray's logs of this run (workers, Ray Train, Ray Data): {session}" in console
+    workers = list(session.glob("worker-*.out")) + list(session.glob("worker-*.err"))
+    assert workers, sorted(p.name for p in session.iterdir())
+    reports = [p for p in workers if "Reporting training result" in p.read_text(errors="replace")]
+    assert reports, "Ray Train's per-report lines are in the workers' logs"
+    # the placement-group cleaner finds its controller: the warning is gone, not only moved
+    cleaner = [p.name for p in session.rglob("*") if p.is_file()
+               and "Failed to query Ray Train Controller" in p.read_text(errors="replace")]
+    assert cleaner == [], cleaner

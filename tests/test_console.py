@@ -16,15 +16,13 @@ fixture would hide what ``init_ray`` does.
 from __future__ import annotations
 
 import json
-import os
-import re
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import check_console, job_env, remove_ray_temps, run_console_job
 
 from catvton import artifacts
 
@@ -33,23 +31,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["data.synthetic_pids=40", "data.val_fraction=0.2", "data.test_fraction=0.2", "train.max_steps=6",
          "train.val_every=3", "train.checkpoint_every=3", "train.val_batches=1", "train.warmup_steps=2"]
 """The data of tests/test_default_job.py (its alpha and latent cache), six steps."""
-
-NOISE = ["Failed to query Ray Train Controller", "TrainingReport(", "Reporting training result",
-         "Running Dataset", "(raylet)", "low on memory", "(RayTrainWorker", "(TrainController"]
-"""Ray's per-report, per-epoch and memory-monitor output, and worker lines forwarded to the
-driver: none of it belongs on the console."""
-
-
-def _env() -> dict[str, str]:
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)  # a local job, whatever the shell that runs pytest points at
-    return env
-
-
-def _remove_ray_temp(console: str) -> None:
-    """The local Ray's temp dir (``Ray's logs: /tmp/rct.../session_.../logs``), once its job ended."""
-    for temp in re.findall(r"Ray's logs: (/tmp/rct[^/\s]+)/", console):
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_the_progress_line_says_what_is_known_so_far():
@@ -62,6 +43,9 @@ def test_the_progress_line_says_what_is_known_so_far():
     assert progress_text({"step": 0, "total": 10**6, "sec_per_step": 0.5}) == "0.500 s/step · ETA 138:53:20"
 
 
+# ~70 s; the default tier checks the same console and ray_logs through easy_train.py's proof run
+# (tests/test_easy_train.py, a subprocess too: init_ray and run_job(progress=True) are shared)
+@pytest.mark.slow
 @pytest.mark.ray
 def test_the_training_job_prints_a_progress_line_and_keeps_rays_output_in_the_run_folder(tmp_path):
     sets = [*SMALL, f"run.output_dir={tmp_path / 'out'}", f"run.storage_path={tmp_path / 'ray'}",
@@ -69,36 +53,11 @@ def test_the_training_job_prints_a_progress_line_and_keeps_rays_output_in_the_ru
     argv = [sys.executable, "ray_jobs/train.py"]
     for s in sets:
         argv += ["--set", s]
-    # bytes, decoded here: text mode would turn each "\r" of a redrawn bar into a line of its own
-    done = subprocess.run(argv, cwd=ROOT, env=_env(), capture_output=True, timeout=1500)
-    console = (done.stdout + done.stderr).decode(errors="replace")
-    _remove_ray_temp(console)
-    assert done.returncode == 0, console[-4000:]
-    # lines as a terminal (and `wc -l`) counts them: a bar redrawn with "\r" is one line (the
-    # tiny alpha's first build draws one)
-    lines = console.split("\n")
-    assert len(lines) < 150, console[-6000:]
-    for noise in NOISE:
-        assert noise not in console, (noise, console[-4000:])
-    # not a terminal: a plain progress line at each tenth of the run, the last one at 6/6
-    progress = [line for line in lines if line.startswith("console ") and " steps " in line]
-    assert progress and progress[-1].startswith("console 6/6 steps 100% · loss "), lines
-    assert " s/step · ETA " in progress[-1] and " lr " in progress[-1], progress[-1]
-    assert "Ray: local instance, dashboard http://127.0.0.1:" in console
-
+    code, console = run_console_job(argv)
+    assert code == 0, console[-4000:]
     run_dir = tmp_path / "out" / "console"
+    check_console(console, "console", 6, run_dir)
     assert json.loads((run_dir / artifacts.FINAL_METRICS).read_text())["step"] == 6
-    (session,) = (run_dir / "ray_logs").iterdir()  # a copy of this job's Ray session logs, not a link
-    assert session.name.startswith("session_") and session.is_dir() and not session.is_symlink()
-    assert f"Ray's logs of this run (workers, Ray Train, Ray Data): {session}" in console
-    workers = list(session.glob("worker-*.out")) + list(session.glob("worker-*.err"))
-    assert workers, sorted(p.name for p in session.iterdir())
-    reports = [p for p in workers if "Reporting training result" in p.read_text(errors="replace")]
-    assert reports, "Ray Train's per-report lines are in the workers' logs"
-    # the placement-group cleaner finds its controller: the warning is gone, not only moved
-    cleaner = [p.name for p in session.rglob("*") if p.is_file()
-               and "Failed to query Ray Train Controller" in p.read_text(errors="replace")]
-    assert cleaner == [], cleaner
 
 
 CHILD = """
@@ -123,9 +82,9 @@ while not go.exists():  # both Rays stay up until the test has read both
 
 @pytest.mark.ray
 @pytest.mark.slow  # two Rays started side by side (~30-45 s); the default tier starts init_ray's local Ray
-# in every Ray test and checks its console in the progress-line test above
+# in every Ray test and checks its console in easy_train's proof run (tests/test_easy_train.py)
 def test_two_local_jobs_started_at_once_get_their_own_ray(tmp_path):
-    env = _env()
+    env = job_env()
     infos, go = [tmp_path / "a.json", tmp_path / "b.json"], tmp_path / "go"
     procs = [subprocess.Popen([sys.executable, "-c", CHILD, str(info), str(go)], cwd=ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for info in infos]
@@ -139,7 +98,7 @@ def test_two_local_jobs_started_at_once_get_their_own_ray(tmp_path):
     finally:
         go.touch()
         outputs = [p.communicate(timeout=120)[0] for p in procs]
-        _remove_ray_temp("".join(outputs))
+        remove_ray_temps("".join(outputs))
     assert [p.returncode for p in procs] == [0, 0], outputs
     assert a["gcs"] != b["gcs"] and a["session"] != b["session"], (a, b)
     for info, out in zip((a, b), outputs):

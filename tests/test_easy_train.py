@@ -12,10 +12,11 @@ at the tiny batch; then it said "not checked"), with the parameter count of the 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_config
+from conftest import check_console, run_console_job, tiny_config
 from typer.testing import CliRunner
 
 from catvton import artifacts
@@ -96,7 +97,10 @@ def test_easy_train_test_prints_the_plan_of_the_tiny_model_it_trains(ray_session
     assert " GB on one " not in out[measured:]  # a CPU run: no CUDA context or allocator slack added
 
 
-def test_easy_train_test_is_a_proof_run_with_a_report(ray_session, tmp_path):
+def test_easy_train_test_is_a_proof_run_with_a_report(tmp_path):
+    """``easy_train.py test`` run as a user runs it, in a process of its own with its own local Ray:
+    the report, and the console of a training job (one progress line, Ray's output in the run's
+    ``ray_logs``; ray_jobs/train.py's own run of the same check is in the slow tier)."""
     from safetensors import safe_open
 
     from catvton.offline.alpha import is_alpha
@@ -106,9 +110,10 @@ def test_easy_train_test_is_a_proof_run_with_a_report(ray_session, tmp_path):
     # fell in six steps depends on the machine's float sums (it rose 0.938 -> 0.957 on CI's machine
     # and fell on this one). This test is about the report: it must say what the run's own record
     # shows, either way, and exit 1 exactly when it found a problem.
-    result = invoke("test", "--steps", "6", *sets(tmp_path, "run.wandb_mode=disabled"))  # the preset's lr, --gpu L40S
+    code, out = run_console_job([sys.executable, "easy_train.py", "test", "--steps", "6",
+                                 *sets(tmp_path, "run.wandb_mode=disabled")])  # the preset's lr, --gpu L40S
     run_dir = tmp_path / "out" / "tiny-lora-test"
-    out = result.output
+    check_console(out, "tiny-lora-test", 6, run_dir)
     assert "predicted for tiny-alpha-" in out and "on CPU:" in out and "predicted for FLUX" not in out, out
     assert f"report: {run_dir / 'test_report.json'}" in out and "(no GPU)" in out, out
     checkpoints = checkpoint_dirs(tmp_path / "ray" / "tiny-lora-test")
@@ -121,9 +126,9 @@ def test_easy_train_test_is_a_proof_run_with_a_report(ray_session, tmp_path):
     fell = val[-1] < val[0]
     report = json.loads((run_dir / "test_report.json").read_text())
     if fell:
-        assert result.exit_code == 0 and report["findings"] == [] and "problems found: none" in out, out
+        assert code == 0 and report["findings"] == [] and "problems found: none" in out, out
     else:
-        assert result.exit_code == 1, out
+        assert code == 1, out
         (finding,) = report["findings"]
         assert finding == (f"val loss of lower, full did not fall ({val[0]:.4f} -> {val[-1]:.4f}): "
                            "try a lower train.lr or more steps"), finding
