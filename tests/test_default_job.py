@@ -10,6 +10,7 @@ grids, the summary, the W&B offline run.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import struct
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import train_hooks
 from PIL import Image
 from conftest import tiny_config
 
@@ -32,6 +34,7 @@ SMALL = ["data.synthetic_pids=40", "data.val_fraction=0.2", "data.test_fraction=
 @pytest.fixture(scope="module")
 def job(ray_session, tmp_path_factory):
     from catvton.config import load_config
+    from catvton.train import job as train_job
     from catvton.train.job import run_job
 
     tmp = tmp_path_factory.mktemp("default-job")
@@ -40,7 +43,12 @@ def job(ray_session, tmp_path_factory):
     # the point of this module: the preset's own model and tracking, not the tests' usual null override
     assert preset.model.transformer_override == "tiny-alpha" and preset.run.wandb_mode == "offline"
     cfg = tiny_config(*SMALL, *folders)  # resolve(): the tiny base, then the alpha built on first use
-    outcome = run_job(cfg)
+    train_hooks.by_value()
+    with pytest.MonkeyPatch.context() as mp:
+        # run_job's own fit, with every worker watched for a text encoder (the sample grids' check)
+        mp.setattr(train_job, "fit", functools.partial(train_job.fit,
+                                                       worker_hooks=train_hooks.WatchTextEncoders(tmp / "text-encoders")))
+        outcome = run_job(cfg)
     return cfg, outcome
 
 
@@ -173,6 +181,17 @@ def test_sample_grids_show_the_fixed_val_pairs_and_a_generated_fill(job):
     # these few fills: in a run whose lower-body validation loss fell, they moved away from their
     # truth between steps 5 and 10 (mean squared error 2869 -> 2961, 2026-12-07)
     assert off[0] > 4 * max(off[1], 0.25), off
+
+
+def test_sample_grids_use_the_cached_prompt_no_text_encoder_in_a_worker(job):
+    """A checkpoint draws a sample grid on rank 0 from the cache's prompt embeddings: building
+    T5-XXL there would put ~9.5 GB on the training GPU (issue 11, item 4). This run's workers were
+    watched (tests/train_hooks.py); test_train shows the watch catches an encoder that is built."""
+    cfg, outcome = job
+    watched = Path(cfg.run.output_dir).parent / "text-encoders"
+    assert (outcome.run_dir / "samples_step000010.png").stat().st_size > 1000, "a grid was drawn"
+    assert (watched.with_name("text-encoders-armed") / "rank0").is_file(), "rank 0 ran under the watch"
+    assert not watched.exists(), {f.name: f.read_text() for f in watched.glob("*.txt")}
 
 
 def test_the_summary_names_every_artifact(job):

@@ -95,7 +95,11 @@ class WatchTextEncoders:
         watch_text_encoders(self.folder)
 
     def after_step(self, *, step: int, rank: int, world: int, run_dir: Path) -> None:
-        pass
+        """Each worker says it was watched (``<folder>-armed/rank<rank>``): an empty ``folder``
+        then means no encoder was built, not that the watch never reached the worker."""
+        armed = self.folder.with_name(self.folder.name + "-armed")
+        armed.mkdir(parents=True, exist_ok=True)
+        (armed / f"rank{rank}").write_text(f"{os.getpid()}\n")
 
     def at_end(self, *, model: torch.nn.Module, rank: int) -> None:
         pass
