@@ -23,16 +23,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from catvton.schema import cloth_group, parse_pose
+from catvton.offline.demo_catalogue import product_shot
 from catvton.offline.synthetic import synthetic_rows
-
-
-def product_shot(photo: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The garment alone on white, cropped to its mask: what a shop's product photo looks like
-    (and what training's garment cut-out makes of a worn garment)."""
-    ys, xs = np.nonzero(mask)
-    cut = np.where(mask[..., None], photo, np.uint8(255))
-    return cut[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+from catvton.schema import cloth_group, parse_pose
+from serve.gallery import render_gallery
 
 
 def write_example(out: Path, group: str = "lower", image_size: int = 256, seed: int = 0) -> dict[str, Path]:
@@ -59,8 +53,6 @@ def write_example(out: Path, group: str = "lower", image_size: int = 256, seed: 
 def write_outfit_example(out: Path) -> dict[str, Path]:
     """person.png with its upper_mask.png and lower_mask.png, and a top.png and a bottom.png
     (product shots of other people's garments): the page's first example person and garments."""
-    from serve.gallery import render_gallery
-
     gallery = render_gallery()
     person = gallery.index["persons"][0]
     garments = {g["region"]: g["id"] for g in reversed(gallery.index["garments"])}  # the first of each region

@@ -9,7 +9,7 @@ Public, synthetic pictures: no key needed (``serve/app.py`` lists the paths as o
 once, on the first request, and kept in memory (~0.3 s, ~300 KB). The persons wear a top and a
 bottom (their masks are the renderer's own, the ``full`` mask their union); the garments are
 product shots, cut out of another person's photo as ``catvton.data.canvas.garment_cutout`` cuts a
-training garment (:func:`serve.examples.product_shot`), so clicking them asks the model for the
+training garment (:func:`catvton.offline.demo_catalogue.product_shot`), so clicking them asks the model for the
 case it was trained on. Persons are 3:4 crops of the square renders, the model canvas's shape.
 
 The persons and garments come from :data:`GALLERY_SEED`, not the training set's seed, so they
@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, Response
 from PIL import Image
 
 from catvton.offline.synthetic import Garment, plan_pid, render_view
-from serve.examples import product_shot
+from catvton.offline.demo_catalogue import product_shot
 
 GALLERY_SEED = 15
 """The synthetic world's seed for the examples (the training set uses 0)."""

@@ -62,7 +62,7 @@ def write_demo_catalogue(out: str | Path, people: int = 4, garments: dict[str, i
                 _save(folder / f"{gid}.mask.png", masks[region])
             else:
                 photo, masks = render_view(plan.person, plan.outfit, "flat", size)
-                _save(folder / f"{gid}.png", _product_shot(photo, masks[region]))
+                _save(folder / f"{gid}.png", product_shot(photo, masks[region], margin=0.05))
             found[region].append(gid)
     outfits = out / "outfits.csv"
     with outfits.open("w", newline="") as f:
@@ -76,11 +76,15 @@ def write_demo_catalogue(out: str | Path, people: int = 4, garments: dict[str, i
     return {"people": people_dir, "garments": garments_dir, "outfits": outfits}
 
 
-def _product_shot(photo: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The garment alone on white, cropped to its mask with a small margin."""
+def product_shot(photo: np.ndarray, mask: np.ndarray, margin: float = 0.0) -> np.ndarray:
+    """The garment alone on white, cropped to its mask: what a shop's product photo looks like
+    (and what training's garment cut-out makes of a worn garment). ``margin``: white added on every
+    side, a share of the longer side (at least 2 pixels when there is one)."""
     ys, xs = np.nonzero(mask)
     cut = np.where(mask[..., None], photo, np.uint8(255))[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
-    pad = max(2, round(0.05 * max(cut.shape[:2])))
+    if not margin:
+        return cut
+    pad = max(2, round(margin * max(cut.shape[:2])))
     return np.pad(cut, ((pad, pad), (pad, pad), (0, 0)), constant_values=255)
 
 
