@@ -55,6 +55,7 @@ from catvton.infer.serving import (GPU_FIX, ServeConfig, TryOnService, model_con
                                    serve_config_from_dict, wants_gpu)
 from catvton.offline import resolve
 from serve.gallery import PREFIX as EXAMPLES_PREFIX, mount as mount_examples
+from serve.openapi import form_bodies_without_null
 from serve.uploads import PieceUpload, answer, decode_request
 
 log = logging.getLogger("ray.serve")
@@ -219,6 +220,7 @@ def create_api(settings: ServeConfig, backend: Backend) -> FastAPI:
         return HTMLResponse(PAGE.read_text())
 
     mount_examples(app)  # GET /v1/examples and /examples/{name}.png: the page's gallery
+    form_bodies_without_null(app)  # /openapi.json: what a multipart client can send (no null fields)
 
     @app.post(
         "/v1/tryon",
