@@ -51,11 +51,14 @@ from catvton.infer.batching import Batcher
 from catvton.infer.outfit import OutfitRequest, Piece
 from catvton.infer.request import FORMATS, InputError
 from catvton.config import ConfigError
-from catvton.infer.serving import (GPU_FIX, ServeConfig, TryOnService, model_config, pick_lora,
+from catvton.infer.serving import (GPU_FIX, ServeConfig, TryOnService, model_config, pick_lora, repo_path,
                                    serve_config_from_dict, wants_gpu)
 from catvton.offline import resolve
+from serve.experiments import parse_experiments
 from serve.gallery import PREFIX as EXAMPLES_PREFIX, mount as mount_examples
+from serve import metrics
 from serve.openapi import form_bodies_without_null
+from serve.traffic import Traffic
 from serve.uploads import PieceUpload, answer, decode_request
 
 log = logging.getLogger("ray.serve")
@@ -74,6 +77,8 @@ class Backend(Protocol):
     async def tryon(self, payload: dict[str, Any]) -> dict[str, Any]: ...
 
     async def info(self) -> dict[str, Any]: ...
+
+    async def models(self) -> dict[str, Any]: ...
 
 
 class Overloaded(Exception):
@@ -167,8 +172,10 @@ def create_api(settings: ServeConfig, backend: Backend) -> FastAPI:
     )
     max_bytes = int(settings.max_body_mb * 1024 * 1024)
     app.add_middleware(BodyLimit, max_bytes=max_bytes)
+    traffic = Traffic(settings)  # customer keys, experiments, the event log (serve/traffic.py)
     key = settings.resolved_api_key()
-    if key:
+    customer_keys = traffic.guard(app, OPEN_PATHS + PAGE_PATHS, (EXAMPLES_PREFIX,))
+    if key and not customer_keys:
         app.add_middleware(BearerAuth, key=key)
 
     @app.exception_handler(RequestValidationError)
@@ -207,6 +214,28 @@ def create_api(settings: ServeConfig, backend: Backend) -> FastAPI:
         out["default_format"] = "the person upload's: jpeg for a JPEG, webp for a WebP, png for any other"
         return out
 
+    @app.get("/v1/models", summary="The models this server offers (x-tryon-model), with their evaluation figures")
+    async def models(request: Request) -> dict:
+        return traffic.visible(request, await backend.models())
+
+    @app.post("/v1/feedback", summary="A user's choice between two answers (request ids), or a 1-5 rating of one")
+    async def feedback(request: Request) -> dict:
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        try:
+            return traffic.feedback(body)
+        except InputError as e:
+            return error(e.status, e.field, e.message)
+
+    @app.get("/v1/usage", summary="The calling key's request counts (with customer keys)")
+    async def usage(request: Request) -> dict:
+        key_state = request.scope.get("state", {}).get("api_key")
+        if key_state is None:
+            return error(404, None, "this server has no customer keys (args.keys_file)")
+        return {"key": key_state["name"], **traffic.usage.snapshot().get(key_state["name"], {})}
+
     canvas: dict[str, Any] = {}
 
     async def model_canvas() -> dict[str, Any]:
@@ -242,6 +271,7 @@ def create_api(settings: ServeConfig, backend: Backend) -> FastAPI:
         },
     )
     async def tryon(
+        request: Request,
         person: UploadFile = File(..., description="Photo of the person (PNG/JPEG/WebP)"),
         garment: UploadFile | None = File(None, description="One garment: its photo (a product shot, or a worn "
                                                              "photo with `garment_mask`)"),
@@ -264,6 +294,8 @@ def create_api(settings: ServeConfig, backend: Backend) -> FastAPI:
         full_mask: UploadFile | None = File(None, description="The person's full-body region (white); else the parser"),
         full_garment_mask: UploadFile | None = File(None, description="`full` is a worn photo: the garment on it"),
         full_worn: bool = Form(False, description="`full` is a worn photo; the parser finds the garment"),
+        model: str | None = Form(None, max_length=64, description="Model id (`GET /v1/models`) on a server with "
+                                 "a registry; or the `x-tryon-model` header. Left out: the server's default"),
         steps: int | None = Form(None, ge=1, le=1000, description="Denoising steps (default from the model config)"),
         guidance: float | None = Form(None, ge=0.0, le=100.0, description="Guidance"),
         seed: int | None = Form(None, ge=0, le=2**32 - 1, description="Noise seed (pass k of an outfit: seed + k)"),
@@ -275,9 +307,21 @@ def create_api(settings: ServeConfig, backend: Backend) -> FastAPI:
                                                        "base64 + metadata; png: the same as image with format=png"),
     ) -> Response:
         start = time.perf_counter()
+        named = model or request.headers.get("x-tryon-model")
+        chosen: tuple[str | None, str | None, str | None] = (named, None, None)  # model, experiment, user
+
+        def refused(status: int, field: str | None, message: str, headers: dict | None = None) -> JSONResponse:
+            # a model the request got wrong is "unknown" on the metrics: labels from any string a
+            # client sends would grow without bound (and Ray's tags are ASCII)
+            label = "unknown" if field == "model" else chosen[0]
+            metrics.request_done(label, status, reason=field or ("overloaded" if status == 503 else None))
+            request_id = traffic.record(*chosen, status, time.perf_counter() - start, error=message)
+            return error(status, field, message, headers={**(headers or {}), "X-Request-Id": request_id})
+
         if output == "png" and image_format not in (None, "png"):
-            return error(422, "format", f"output=png asks for a PNG but format={image_format}: send output=image")
+            return refused(422, "format", f"output=png asks for a PNG but format={image_format}: send output=image")
         try:
+            chosen = traffic.choose(request, named)
             uploads = [PieceUpload("garment", garment, garment_type, mask, garment_mask, garment_worn, True),
                        PieceUpload("upper", upper, "upper", upper_mask, upper_garment_mask, upper_worn),
                        PieceUpload("lower", lower, "lower", lower_mask, lower_garment_mask, lower_worn),
@@ -285,6 +329,8 @@ def create_api(settings: ServeConfig, backend: Backend) -> FastAPI:
             decoded = await run_in_threadpool(decode_request, settings, await model_canvas(), person, uploads, steps,
                                               guidance, seed, size)
             sent = time.perf_counter()
+            if chosen[0]:
+                decoded.payload["model"] = chosen[0]
             # a phone photo is turned upright at full size while the model runs
             turned = None if decoded.person.upright_ready else asyncio.ensure_future(
                 run_in_threadpool(lambda: decoded.person.full))
@@ -292,12 +338,12 @@ def create_api(settings: ServeConfig, backend: Backend) -> FastAPI:
             if turned is not None:
                 await turned
         except InputError as e:
-            return error(e.status, e.field, e.message)
+            return refused(e.status, e.field, e.message)
         except Overloaded as e:
             retry = str(int(np.ceil(e.retry_after_s if e.retry_after_s is not None else settings.retry_after_s)))
-            return error(503, None, "the model's queue is full: retry later", headers={"Retry-After": retry})
+            return refused(503, None, "the model's queue is full: retry later", headers={"Retry-After": retry})
         if "error" in result:
-            return error(result["status"], result["error"]["field"], result["error"]["error"])
+            return refused(result["status"], result["error"]["field"], result["error"]["error"])
         back = time.perf_counter()
         fmt = image_format or ("png" if output == "png" else decoded.person.format)
         body, spans = await run_in_threadpool(answer, decoded, result, fmt)
@@ -307,13 +353,20 @@ def create_api(settings: ServeConfig, backend: Backend) -> FastAPI:
                  "call": back - sent, **spans, "total": time.perf_counter() - start}
         meta = {"seed": result["seed"], "steps": result["steps"], "guidance": result["guidance"],
                 "mask_source": result["mask_source"], "garment_type": ",".join(result["regions"]),
-                "regions": ",".join(result["regions"])}
+                "regions": ",".join(result["regions"]), **({"model": result["model"]} if result.get("model") else {})}
         width, height = decoded.person.size
+        answered = result.get("model") or chosen[0]
+        metrics.request_done(answered, 200, spans)
+        request_id = traffic.record(answered, chosen[1], chosen[2], 200, spans["total"])
+        if chosen[1]:
+            meta["experiment"] = chosen[1]
         if output == "json":
             # image_png_base64 for a PNG, as before `format` existed; image_jpeg_base64 ... otherwise
             return JSONResponse({f"image_{fmt}_base64": base64.b64encode(body).decode(), "media_type": FORMATS[fmt],
-                                 "width": width, "height": height, **meta, "regions": result["regions"]})
+                                 "width": width, "height": height, **meta, "regions": result["regions"],
+                                 "request_id": request_id}, headers={"X-Request-Id": request_id})
         headers = {f"X-Tryon-{k.replace('_', '-').title()}": str(v) for k, v in meta.items()}
+        headers["X-Request-Id"] = request_id
         headers["Server-Timing"] = ", ".join(f"{k};dur={v * 1000:.1f}" for k, v in spans.items())
         return Response(body, media_type=FORMATS[fmt], headers=headers)
 
@@ -339,6 +392,17 @@ class TryOnModel:
         # offline names (tiny, tiny-alpha) become cached folders; hub ids and folders pass through
         self.service = TryOnService.load(self.settings, prepare=resolve)
         self.batcher = Batcher(self.generate, self.settings.max_batch_size, self.settings.batch_wait_timeout_s)
+        if self.service.registry is not None:
+            service = self.service
+
+            async def load_adapter(model_id: str) -> _LoadedAdapter:
+                await asyncio.to_thread(service.adapters.load, service.release(model_id))
+                metrics.adapter_loaded(model_id)
+                return _LoadedAdapter(service, model_id)
+
+            # Serve's multiplexing: routes a model's requests to the replicas that hold it, and
+            # unloads the least recently used beyond max_adapters (_LoadedAdapter.__del__)
+            self.adapter = serve.multiplexed(max_num_models_per_replica=self.settings.max_adapters)(load_adapter)
 
     async def tryon(self, payload: dict[str, Any]) -> dict[str, Any]:
         """``payload``: the ingress's arrays at the working size (the person and one piece per
@@ -346,7 +410,16 @@ class TryOnModel:
         ``model_s`` (the pipeline calls of the batches this request's passes were in)."""
         t0 = time.perf_counter()
         prepare_s = model_s = 0.0
+        model = None
         try:
+            if self.service.registry is not None:
+                model = self.service.release(payload.get("model") or serve.get_multiplexed_model_id() or None).model_id
+                try:
+                    await self.adapter(model)
+                except Exception as e:  # a release that broke after the scan: this request fails, the replica serves on
+                    log.exception("loading model %s failed", model)
+                    raise InputError("model", f"model {model!r} could not be loaded: {type(e).__name__}: {e}",
+                                     status=503) from e
             request = OutfitRequest(payload["person"], [Piece(**piece) for piece in payload["pieces"]],
                                     payload["seed"], payload["steps"], payload["guidance"], payload["half_hw"])
             dressing = await asyncio.to_thread(self.service.start, request)
@@ -356,20 +429,31 @@ class TryOnModel:
                 prepare_s += time.perf_counter() - t1
                 if job is None:
                     break
+                job.model = model
                 result, seconds = await self.batcher.submit(job)
                 model_s += seconds
                 dressing.done(job, result)
         except InputError as e:
             return {"error": e.to_dict(), "status": e.status}
-        return {**dressing.reply(), "prepare_s": prepare_s, "model_s": model_s, "replica_s": time.perf_counter() - t0}
+        return {**dressing.reply(), "prepare_s": prepare_s, "model_s": model_s, "replica_s": time.perf_counter() - t0,
+                "model": model}
 
     async def generate(self, jobs: list) -> list[tuple[np.ndarray, float]]:
         """One batch: canvases and the seconds the pipeline took for all of them."""
+        metrics.queue_length(self.batcher.pending)
         t0 = time.perf_counter()
         # in a thread: the replica's event loop keeps taking requests (the next batch) meanwhile
         results = await asyncio.to_thread(self.service.generate, jobs)
         seconds = time.perf_counter() - t0
         return [(r, seconds) for r in results]
+
+    def models(self) -> dict[str, Any]:
+        """``GET /v1/models``: the registry's models, or the one model of a single-LoRA server."""
+        if self.service.registry is not None:
+            return self.service.models()
+        lora = self.service.lora
+        return {"models": [{"id": lora.name if lora else "base", "metrics": self.service.info()["metrics"],
+                            "evaluation": None}], "default": lora.name if lora else "base", "refused": {}}
 
     def info(self) -> dict[str, Any]:
         out = self.service.info()
@@ -379,6 +463,22 @@ class TryOnModel:
         return out
 
 
+class _LoadedAdapter:
+    """What Serve's multiplexing keeps per loaded model; Serve calls ``__del__`` when it unloads
+    the least recently used one, which removes the adapter from the replica's pipeline."""
+
+    def __init__(self, service: TryOnService, model_id: str):
+        self.service, self.model_id, self.unloaded = service, model_id, False
+
+    def __del__(self):
+        # once: Serve calls it on eviction and the garbage collector again later, by which time the
+        # model may be loaded anew under a new handle
+        if not self.unloaded and self.service.adapters is not None:
+            self.unloaded = True
+            if self.service.adapters.unload(self.model_id):  # False when already gone (AdapterSet evicts too)
+                metrics.adapter_evicted(self.model_id)
+
+
 class _HandleBackend:
     def __init__(self, handle):
         self.handle = handle
@@ -386,10 +486,15 @@ class _HandleBackend:
     async def tryon(self, payload: dict[str, Any]) -> dict[str, Any]:
         from ray.serve.exceptions import BackPressureError
 
+        # a named model goes where it is loaded (Serve's multiplexed routing)
+        handle = self.handle.options(multiplexed_model_id=payload["model"]) if payload.get("model") else self.handle
         try:
-            return await self.handle.tryon.remote(payload)
+            return await handle.tryon.remote(payload)
         except BackPressureError as e:
             raise Overloaded(e.retry_after_s) from e
+
+    async def models(self) -> dict[str, Any]:
+        return await self.handle.models.remote()
 
     async def info(self) -> dict[str, Any]:
         from ray.serve.exceptions import BackPressureError
@@ -425,6 +530,13 @@ def application(args: dict[str, Any], model_options: dict[str, Any] | None = Non
     applies it on top): a file must say ``num_gpus: 1`` itself, which the replica enforces
     (:func:`catvton.infer.serving.serve_device`) and tests/test_serve_config.py checks."""
     settings = serve_config_from_dict(args)
+    if settings.experiments:  # a typo in an arm fails the deploy, not the first user's request
+        known = ({p.name for p in repo_path(settings.registry).iterdir() if p.is_dir()} if settings.registry
+                 else None)
+        try:
+            parse_experiments(settings.experiments, known_models=known)
+        except ValueError as e:
+            raise ConfigError([str(e)]) from e
     plain = json.loads(json.dumps(args or {}))
     model_options = dict(model_options or {})
     if wants_gpu(settings, model_config(settings, pick_lora(settings))):

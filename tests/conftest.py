@@ -129,12 +129,12 @@ def random_lora(cfg, folder: Path, seed: int = 0, scale: float = 0.1) -> Path:
     from catvton.train.checkpoint import save_weights
     from catvton.train.engine import build_transformer
 
-    torch.manual_seed(seed)
-    model = build_transformer(cfg, torch.device("cpu"), torch.float32)
+    model = build_transformer(cfg, torch.device("cpu"), torch.float32)  # seeds torch itself (train.seed)
+    noise = torch.Generator().manual_seed(seed)  # so ``seed`` decides the LoRA: two seeds, two LoRAs
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
-                p.add_(torch.randn_like(p) * scale)
+                p.add_(torch.randn(p.shape, generator=noise, dtype=p.dtype) * scale)
     save_weights(model, Path(folder), cfg)
     return Path(folder)
 

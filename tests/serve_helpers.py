@@ -60,6 +60,9 @@ class InProcessModel:
     async def info(self) -> dict:
         return self.model.info()
 
+    async def models(self) -> dict:
+        return self.model.models()
+
 
 def free_port() -> int:
     """A port on 127.0.0.1 nobody listens on now (for a Serve instance of one test module)."""

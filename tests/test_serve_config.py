@@ -156,9 +156,9 @@ def shared_storage(tmp_path, monkeypatch):
     the production LoRA folders that serve/config.l40s.yaml names, so its paths are read as written."""
     import catvton.infer.serving as serving
 
-    real = serving._path
+    real = serving.repo_path
     root = tmp_path / "shared"
-    monkeypatch.setattr(serving, "_path", lambda p: root / p[len(SHARED):] if str(p).startswith(SHARED) else real(p))
+    monkeypatch.setattr(serving, "repo_path", lambda p: root / p[len(SHARED):] if str(p).startswith(SHARED) else real(p))
     for folder in ("outputs/sweep/release", "outputs/catvton-lora/lora"):
         (root / folder).mkdir(parents=True)
         (root / folder / "pytorch_lora_weights.safetensors").write_bytes(b"")

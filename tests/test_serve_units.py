@@ -312,3 +312,19 @@ def test_the_published_schema_describes_a_form_a_client_can_send():
                                            "format": "binary", "title": "Mask"}
     union = {"anyOf": [{"type": "integer"}, {"type": "string"}]}
     assert form_field_schema(union) == union
+
+
+def test_the_grafana_dashboard_plots_every_metric_the_service_exports_and_no_other():
+    """serve/grafana_dashboard.json's queries name exactly serve/metrics.py's metrics (as Ray
+    exports them: ``ray_`` prefix, ``_total`` / ``_bucket`` / ``_sum`` / ``_count`` samples)."""
+    import json
+    import re
+
+    from serve import metrics
+
+    dashboard = json.loads((ROOT / "serve" / "grafana_dashboard.json").read_text())
+    queries = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {re.sub(r"_(bucket|sum|count|total)$", "", name.removeprefix("ray_"))
+            for q in queries for name in re.findall(r"ray_tryon_\w+", q)}
+    assert used == {m._name for m in metrics._metrics().values()}
+    assert len(dashboard["panels"]) == len({p["id"] for p in dashboard["panels"]}) >= 6

@@ -36,6 +36,11 @@ class Batcher:
         self._queue: asyncio.Queue | None = None
         self._worker: asyncio.Task | None = None
 
+    @property
+    def pending(self) -> int:
+        """Items waiting for a batch (not counting the batch running now)."""
+        return self._queue.qsize() if self._queue is not None else 0
+
     async def submit(self, item: Any) -> Any:
         """``item``'s result, once the batch it joined has run."""
         loop = asyncio.get_running_loop()

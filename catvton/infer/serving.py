@@ -38,6 +38,7 @@ import json
 import os
 import sys
 from collections import defaultdict
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -51,6 +52,7 @@ from catvton.infer.automask import AutoMasker
 from catvton.data.canvas import to_uint8
 from catvton.data.masks import general_mask
 from catvton.infer.outfit import ORDER, Dressed, Dressing, OutfitRequest
+from catvton.infer.registry import AdapterSet, Registry, Release, scan_registry
 from catvton.infer.request import ImageLimits, InputError, paste_generated, request_sample
 from catvton.infer.tryon import TryOn
 from catvton.schema import GROUPS
@@ -70,6 +72,23 @@ class ServeConfig:
     lora: list[str] = field(default_factory=list)
     """LoRA folders, first existing one wins (the sweep's release folder, then a single run's
     LoRA); each needs ``pytorch_lora_weights.safetensors``. Empty: the base alone."""
+    registry: str = ""
+    """A folder of release folders, one model each (its name is the model id a request names):
+    many LoRAs on one base (:mod:`catvton.infer.registry`). Set instead of ``lora``; the model
+    config is ``config`` (every release must be trained on its base and transformer)."""
+    max_adapters: int = 3
+    """With a registry: LoRAs kept loaded on a replica's base at once, least recently used out."""
+    default_model: str = ""
+    """With a registry: the model of a request that names none (empty: such requests get a 422)."""
+    experiments: list = field(default_factory=list)
+    """A/B experiments: ``[{name, arms: {model id: weight}}]``; a request that names no model gets
+    its user's arm (``x-tryon-user``, sticky) of the first (``serve/experiments.py``)."""
+    events: str = ""
+    """SQLite file of every answer and the users' feedback (``POST /v1/feedback``), read by
+    ``python -m serve.ab_report``; empty: nothing is recorded."""
+    keys_file: str = ""
+    """Customer keys (``python -m serve.keys add``): each with its models and rate; instead of
+    ``api_key``. Keys are stored hashed."""
     parser: str = ""
     """Human-parsing model (transformers segmentation, hub id or folder) for requests without a
     mask, e.g. ``mattmdjaga/segformer_b2_clothes``; empty: such requests get a 422."""
@@ -125,7 +144,8 @@ class ServeConfig:
         return {"auto": None, "on": True, "off": False}[self.vae_slicing]
 
 
-def _path(p: str) -> Path:
+def repo_path(p: str) -> Path:
+    """``p`` as a path: a relative one is taken from the repository root (as the serve configs write them)."""
     path = Path(p).expanduser()
     return path if path.is_absolute() else REPO_ROOT / path
 
@@ -146,6 +166,12 @@ def serve_config_from_dict(d: dict[str, Any] | None) -> ServeConfig:
             if bad:
                 problems.append(f"parser_labels has {bad}: groups are {list(GROUPS)}")
             s.parser_labels = {g: [str(n) for n in v] for g, v in labels.items()}
+    if "experiments" in d:  # checked in full by the serve app (serve/experiments.py), which runs them
+        raw = d.pop("experiments") or []
+        if not isinstance(raw, list) or not all(isinstance(e, dict) for e in raw):
+            problems.append("experiments: a list of {name, arms: {model id: weight}}")
+        else:
+            s.experiments = raw
     apply_mapping(s, d, "", problems)
     if not problems:
         problems = validate_serve(s)
@@ -164,11 +190,21 @@ def validate_serve(s: ServeConfig) -> list[str]:
         p.append(f"max_body_mb={s.max_body_mb}: must be positive")
     if s.batch_wait_timeout_s < 0 or s.retry_after_s < 0:
         p.append("batch_wait_timeout_s and retry_after_s must not be negative")
+    if s.registry and s.lora:
+        p.append("lora and registry are both set: lora serves one LoRA, registry a folder of them; keep one")
+    if s.registry and not repo_path(s.registry).is_dir():
+        p.append(f"registry {s.registry}: no such folder (a folder of release folders, one per model)")
+    if s.keys_file and s.api_key:
+        p.append("api_key and keys_file are both set: one key for everyone, or a key per customer; keep one")
+    if s.keys_file and not repo_path(s.keys_file).is_file():
+        p.append(f"keys_file {s.keys_file}: no such file (python -m serve.keys add --file {s.keys_file} ...)")
+    if s.max_adapters < 1:
+        p.append(f"max_adapters={s.max_adapters}: must be at least 1")
     if s.device not in ("auto", "cpu", "cuda"):
         p.append(f"device={s.device!r}: choose auto, cpu or cuda")
     if s.vae_slicing not in ("auto", "on", "off"):
         p.append(f"vae_slicing={s.vae_slicing!r}: choose auto, on or off")
-    if s.lora and not any(_path(f).is_dir() for f in s.lora):
+    if s.lora and not any(repo_path(f).is_dir() for f in s.lora):
         p.append(f"lora: none of {s.lora} exists; train one (python ray_jobs/train.py) or run the sweep "
                  "(python ray_jobs/tune.py), or set lora: [] to serve the base alone")
     return p
@@ -178,7 +214,7 @@ def pick_lora(s: ServeConfig) -> Path | None:
     """The first existing LoRA folder; refuses one without safetensors weights. Other files in it
     (a checkpoint's ``training_state.pt``) are never read: diffusers takes the safetensors file first."""
     for f in s.lora:
-        path = _path(f)
+        path = repo_path(f)
         if path.is_dir():
             if not (path / LORA_WEIGHTS).is_file():
                 raise ConfigError([f"lora folder {path} has no {LORA_WEIGHTS} (only safetensors are loaded)"])
@@ -200,7 +236,7 @@ def model_config(s: ServeConfig, lora: Path | None) -> Config:
     if lora is not None and (lora / TRAINING_CONFIG).is_file():
         cfg = config_from_dict(json.loads((lora / TRAINING_CONFIG).read_text()))
         return apply_overrides(cfg, list(s.overrides)) if s.overrides else cfg
-    return load_config(_path(s.config), s.overrides)
+    return load_config(repo_path(s.config), s.overrides)
 
 
 GPU_FIX = ("reserve one for the model deployment: ray_actor_options: {num_gpus: 1} under TryOnModel in the "
@@ -274,11 +310,13 @@ class Job:
     guidance: float
     mask_source: str
     """``request`` or ``auto``."""
+    model: str | None = None
+    """The registry's model id (None: the server's one LoRA, or the base)."""
 
     @property
     def batch_key(self) -> tuple:
         """Requests with the same key can share one pipeline call."""
-        return self.canvas.shape, self.steps, self.guidance
+        return self.canvas.shape, self.steps, self.guidance, self.model
 
 
 class TryOnService:
@@ -290,6 +328,29 @@ class TryOnService:
         self.tryon = tryon
         self.lora = lora
         self.masker = masker
+        self.registry: Registry | None = None
+        """With ``settings.registry``: the releases this server offers, and those it refused."""
+        self.adapters: AdapterSet | None = None
+
+    def use_registry(self, registry: Registry) -> "TryOnService":
+        """Serve ``registry``'s releases as named adapters on this service's base."""
+        self.registry = registry
+        self.adapters = AdapterSet(self.tryon.pipe, self.settings.max_adapters)
+        return self
+
+    def release(self, model_id: str | None) -> Release:
+        """The release a request's model id names; an unknown id is a 404 naming the models."""
+        if self.registry is None:
+            raise InputError("model", "this server serves one model: leave the model out", status=404)
+        model_id = model_id or self.settings.default_model
+        if model_id in self.registry.refused:
+            raise InputError("model", f"model {model_id!r} is not served: {self.registry.refused[model_id]}", status=404)
+        if not model_id:
+            raise InputError("model", f"name a model (x-tryon-model): {sorted(self.registry.releases)}")
+        if model_id not in self.registry.releases:
+            raise InputError("model", f"unknown model {model_id!r}: this server has {sorted(self.registry.releases)}",
+                             status=404)
+        return self.registry.releases[model_id]
 
     @classmethod
     def load(cls, settings: ServeConfig, prepare: Callable[[Config], Config] | None = None,
@@ -303,7 +364,7 @@ class TryOnService:
 
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        lora = pick_lora(settings)
+        lora = pick_lora(settings)  # None with a registry (validate_serve: lora and registry exclude each other)
         cfg = model_config(settings, lora)
         if prepare is not None:
             cfg = prepare(cfg)
@@ -319,9 +380,15 @@ class TryOnService:
         tryon = TryOn.load(cfg, lora=lora, device=device, dtype=dtype, vae_slicing=settings.slicing)
         masker = None
         if settings.parser:
-            parser = str(_path(settings.parser)) if _path(settings.parser).exists() else settings.parser
+            parser = str(repo_path(settings.parser)) if repo_path(settings.parser).exists() else settings.parser
             masker = AutoMasker.load(parser, settings.parser_labels or None, device=device)
-        return cls(settings, cfg, tryon, lora, masker)
+        service = cls(settings, cfg, tryon, lora, masker)
+        if settings.registry:
+            service.use_registry(scan_registry(repo_path(settings.registry), cfg))
+            if settings.default_model and settings.default_model not in service.registry.releases:
+                raise ConfigError([f"default_model {settings.default_model!r} is not a servable release of "
+                                   f"{settings.registry}: {service.registry.refused.get(settings.default_model, 'no such folder')}"])
+        return service
 
     def info(self) -> dict[str, Any]:
         """What is loaded: base, override, LoRA and its metrics, canvas, limits."""
@@ -340,7 +407,17 @@ class TryOnService:
             "parser": self.settings.parser or None, "garment_types": list(GROUPS),
             "regions": list(GROUPS), "outfit_order": list(ORDER), "worn_garments": True,
             "device": self.tryon.prompt_embeds.device.type, "memory": dict(self.tryon.memory),
+            **({} if self.registry is None else {"models": self.models()}),
         }
+
+    def models(self) -> dict[str, Any]:
+        """The registry as ``GET /v1/models`` shows it: each model with its figures, the refused
+        folders with their reasons, and what this replica holds."""
+        assert self.registry is not None and self.adapters is not None
+        return {"models": [r.describe() for r in self.registry.releases.values()],
+                "default": self.settings.default_model or None, "refused": dict(self.registry.refused),
+                "loaded": list(self.adapters.loaded), "capacity": self.adapters.capacity,
+                "loads": self.adapters.loads, "evictions": self.adapters.evictions}
 
     def prepare(self, person: np.ndarray, garment: np.ndarray, mask: np.ndarray | None, group: str,
                 seed: int | None, steps: int | None, guidance: float | None,
@@ -418,10 +495,13 @@ class TryOnService:
             groups[job.batch_key].append(i)
         for idx in groups.values():
             first = jobs[idx[0]]
-            results = self.tryon.fill_canvases(np.stack([jobs[i].canvas for i in idx]),
-                                               np.stack([jobs[i].mask_canvas for i in idx]),
-                                               seed=[jobs[i].seed for i in idx], steps=first.steps,
-                                               guidance=first.guidance)
+            # a registry's model: its adapter the only active one for this call (loaded if evicted)
+            adapter = self.adapters.use(self.release(first.model)) if self.adapters is not None else nullcontext()
+            with adapter:
+                results = self.tryon.fill_canvases(np.stack([jobs[i].canvas for i in idx]),
+                                                   np.stack([jobs[i].mask_canvas for i in idx]),
+                                                   seed=[jobs[i].seed for i in idx], steps=first.steps,
+                                                   guidance=first.guidance)
             for k, i in enumerate(idx):
                 out[i] = results[k]
         return out  # type: ignore[return-value]
