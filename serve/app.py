@@ -48,6 +48,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from catvton.infer.batching import Batcher
+from catvton.infer.registry import MODEL_ID
 from catvton.infer.outfit import OutfitRequest, Piece
 from catvton.infer.request import FORMATS, InputError
 from catvton.config import ConfigError
@@ -313,7 +314,8 @@ def create_api(settings: ServeConfig, backend: Backend) -> FastAPI:
         def refused(status: int, field: str | None, message: str, headers: dict | None = None) -> JSONResponse:
             # a model the request got wrong is "unknown" on the metrics: labels from any string a
             # client sends would grow without bound (and Ray's tags are ASCII)
-            label = "unknown" if field == "model" else chosen[0]
+            label = chosen[0] if field != "model" and chosen[0] and MODEL_ID.match(chosen[0]) else \
+                ("unknown" if chosen[0] else None)
             metrics.request_done(label, status, reason=field or ("overloaded" if status == 503 else None))
             request_id = traffic.record(*chosen, status, time.perf_counter() - start, error=message)
             return error(status, field, message, headers={**(headers or {}), "X-Request-Id": request_id})
@@ -412,6 +414,11 @@ class TryOnModel:
         prepare_s = model_s = 0.0
         model = None
         try:
+            if self.service.registry is None and payload.get("model"):
+                own = self.models()["default"]
+                if payload["model"] != own:  # never another model's name answered by this one's weights
+                    raise InputError("model", f"this server serves one model, {own!r}: name it or leave "
+                                     "the model out", status=404)
             if self.service.registry is not None:
                 model = self.service.release(payload.get("model") or serve.get_multiplexed_model_id() or None).model_id
                 try:

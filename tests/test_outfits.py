@@ -278,3 +278,17 @@ def test_a_worn_photo_garment_gives_the_training_pair_builders_canvas(model, cli
     product, _ = served_canvas(model, {**model.payloads[-1], "pieces": [
         {**model.payloads[-1]["pieces"][0], "garment_mask": None, "worn": False}]})
     assert not np.array_equal(product[:, :W], trained[:, :W])
+
+
+def test_a_server_of_one_model_refuses_another_models_name_and_lists_its_own(client):
+    """No LoRA here: the base serves, as model "base". Naming another model is a 404, never that
+    model's name on this one's picture; naming its own, or none, is served."""
+    listed = client.get("/v1/models").json()
+    assert [m["id"] for m in listed["models"]] == ["base"] and listed["default"] == "base"
+    photo, masks = two_piece_person()
+    files = {"person": ("p.png", png(photo), "image/png"), "garment": ("g.png", png(garment((200, 40, 40))), "image/png"),
+             "mask": ("m.png", png(masks["lower"].astype(np.uint8) * 255), "image/png")}
+    data = {"garment_type": "lower", "steps": "1"}
+    r = client.post("/v1/tryon", files=files, data=data, headers={"x-tryon-model": "m-other"})
+    assert r.status_code == 404 and r.json()["field"] == "model" and "'base'" in r.json()["error"], r.text
+    assert client.post("/v1/tryon", files=files, data={**data, "model": "base"}).status_code == 200
