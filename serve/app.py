@@ -58,6 +58,7 @@ from catvton.offline import resolve
 from serve.experiments import parse_experiments
 from serve.gallery import PREFIX as EXAMPLES_PREFIX, mount as mount_examples
 from serve import metrics
+from serve.keys import route_path
 from serve.openapi import form_bodies_without_null
 from serve.traffic import Traffic
 from serve.uploads import PieceUpload, answer, decode_request
@@ -146,9 +147,7 @@ class BearerAuth:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        path, root = scope["path"], scope.get("root_path", "")
-        if root and path.startswith(root):  # mounted under a route prefix: /prefix/healthz is /healthz
-            path = path[len(root):] or "/"
+        path = route_path(scope)
         if path in OPEN_PATHS + PAGE_PATHS or path.startswith(EXAMPLES_PREFIX):
             return await self.app(scope, receive, send)
         given = dict(scope["headers"]).get(b"authorization", b"")

@@ -243,6 +243,15 @@ def _error(status: int, field: str | None, message: str, headers: dict | None = 
     return JSONResponse({"error": message, "field": field, **extra}, status_code=status, headers=headers)
 
 
+def route_path(scope) -> str:
+    """The request's path as the app's routes see it: mounted under a route prefix, /prefix/healthz
+    is /healthz (the key middlewares here and in serve/app.py open paths by this)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):] or "/"
+    return path
+
+
 class KeyQuota:
     """Pure ASGI: identify the key, hold it to its rate, then to its models; put who it is in
     ``scope["state"]["api_key"]`` (``{"name", "models"}``, ``["*"]`` for all) for the routes.
@@ -261,9 +270,7 @@ class KeyQuota:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        path, root = scope["path"], scope.get("root_path", "")
-        if root and path.startswith(root):  # mounted under a route prefix: /prefix/healthz is /healthz
-            path = path[len(root):] or "/"
+        path = route_path(scope)
         if path in self.open_paths or path.startswith(self.open_prefixes):
             return await self.app(scope, receive, send)
         auth, models = b"", []
