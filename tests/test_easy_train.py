@@ -106,7 +106,7 @@ def test_easy_train_test_is_a_proof_run_with_a_report(tmp_path):
     from catvton.offline.alpha import is_alpha
 
     # Six steps decide nothing about learning (the default proof run is 30, with 20 of warm-up; the
-    # learning itself is judged in test_default_job on the fixed validation set): whether the val loss
+    # learning itself is judged in tests/test_learning.py, slow, over 3000 steps): whether the val loss
     # fell in six steps depends on the machine's float sums (it rose 0.938 -> 0.957 on CI's machine
     # and fell on this one). This test is about the report: it must say what the run's own record
     # shows, either way, and exit 1 exactly when it found a problem.

@@ -1,8 +1,6 @@
 """`easy_train.py setup` end to end: offline default, and a hub-layout folder with planted bad rows."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,12 +28,14 @@ def check_consistency(report: dict) -> None:
         assert key in report, key
 
 
-def test_setup_with_no_arguments_runs_offline(tmp_path):
-    """The exact command of the README, in a subprocess (it starts its own Ray)."""
+def test_setup_with_no_arguments_runs_offline(tmp_path, ray_session):
+    """The README's command with its defaults, in this process on the session's Ray (the docs tier
+    runs it word for word in a process of its own: tests/test_documented_commands.py, "setup")."""
+    from easy_train import app
+
     out = tmp_path / "setup"
-    proc = subprocess.run([sys.executable, "easy_train.py", "setup", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = CliRunner().invoke(app, ["setup", "--out", str(out)])
+    assert result.exit_code == 0, result.output[-3000:]
     report = json.loads((out / "dataset_report.json").read_text())
     check_consistency(report)
     assert report["source"] == "synthetic"
@@ -46,7 +46,7 @@ def test_setup_with_no_arguments_runs_offline(tmp_path):
         assert report["pairs"]["train"][g] >= 100
         assert (out / f"samples_{g}.png").stat().st_size > 1000
     assert (out / "dataset_report.md").read_text().startswith("# Dataset readiness")
-    assert "ready: True" in proc.stdout
+    assert "ready: True" in result.output
 
 
 PLANTED = {

@@ -79,43 +79,35 @@ def test_every_person_in_every_garment(catalogue, full_run):
 
 
 @pytest.mark.ray
-def test_a_batch_of_one_gives_the_images_of_a_batch_of_four(catalogue, full_run, tmp_path):
-    out4, _ = full_run
-    _run(catalogue, tmp_path / "out", "--batch-size", "1")
-    four, one = _images(out4), _images(tmp_path / "out")
-    assert sorted(four) == sorted(one) and len(one) == 9
-    assert all(np.array_equal(four[k], one[k]) for k in four), [k for k in four if not np.array_equal(four[k], one[k])]
-
-
-@pytest.mark.ray
-def test_a_stopped_run_resumes_without_redoing_finished_images(catalogue, full_run, tmp_path):
+def test_a_stopped_run_resumes_one_image_at_a_time_with_the_images_of_a_batch_of_four(catalogue, full_run, tmp_path):
+    """A run at batch size 1 stopped after 4 images, one of them then lost (deleted) and one left
+    half-written by a kill: the rerun renders the lost one and the 5 never made, rewrites none of the
+    other 3, and all 9 are the images of one run at batch size 4."""
     out = tmp_path / "out"
-    first = _run(catalogue, out, "--limit", "4")  # a run stopped after 4 images
+    first = _run(catalogue, out, "--batch-size", "1", "--limit", "4")  # a run stopped after 4 images
     assert first["rendered"] == 4 and first["missing"] == 5
-    finished = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "images").rglob("*.png")}
-    assert len(finished) == 4
+    made = sorted((out / "images").rglob("*.png"))
+    assert len(made) == 4
+    lost = made[2]
+    lost.unlink()
+    kept = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in made if p != lost}
     stale = out / "images" / "lower-x" / ".tmp-model-01.png.123"  # what a kill mid-write leaves
     stale.parent.mkdir()
     stale.write_bytes(b"half a png")
-    rest = _run(catalogue, out)
-    assert rest["done_before"] == 4 and rest["rendered"] == 5 and rest["missing"] == 0
-    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in finished} == finished, "a finished image was rewritten"
+    rest = _run(catalogue, out, "--batch-size", "1")
+    assert rest["done_before"] == 3 and rest["rendered"] == 6 and rest["missing"] == 0, rest
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in kept} == kept, "a finished image was rewritten"
     assert not stale.exists()
-    images = _images(out)
-    reference = _images(full_run[0])
-    assert sorted(images) == sorted(reference)
-    assert all(np.array_equal(images[k], reference[k]) for k in images), "resumed images differ from one run's"
-    # one image lost (deleted): a rerun renders that one alone
-    lost = sorted((out / "images").rglob("*.png"))[2]
-    lost.unlink()
-    again = _run(catalogue, out)
-    assert again["rendered"] == 1 and again["done_before"] == 8
+    # one image at a time, over two runs, gives the images of one run at batch size 4, bit for bit
+    images, reference = _images(out), _images(full_run[0])
+    assert sorted(images) == sorted(reference) and len(images) == 9
+    assert [k for k in images if not np.array_equal(images[k], reference[k])] == []
     assert np.array_equal(np.asarray(Image.open(lost)), reference[str(lost.relative_to(out / "images"))])
 
 
 @pytest.mark.ray
 @pytest.mark.slow  # its own process and Ray, killed and rerun (~1.5 min); the default tier's resume
-# test stops the job in this process (test_a_stopped_run_resumes_without_redoing_finished_images)
+# test stops the job in this process (test_a_stopped_run_resumes_one_image_at_a_time_with_the_images_of_a_batch_of_four)
 def test_a_killed_job_resumes_without_redoing_finished_images(catalogue, full_run, tmp_path):
     """The job as a user runs it, in its own process with its own Ray, killed (SIGKILL to its
     process group) once its first images are on disk; the rerun renders only the rest."""
