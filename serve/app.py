@@ -59,7 +59,7 @@ from serve.experiments import parse_experiments
 from serve.gallery import PREFIX as EXAMPLES_PREFIX, mount as mount_examples
 from serve import metrics
 from serve.keys import route_path
-from serve.openapi import form_bodies_without_null
+from serve.openapi import document_errors, form_bodies_without_null
 from serve.traffic import Traffic
 from serve.uploads import PieceUpload, answer, decode_request
 
@@ -71,6 +71,31 @@ PAGE_PATHS = ("/", "/favicon.ico", "/v1/examples")
 """The page's static HTML holds no data and calls the API with the key typed into it, so it
 stays reachable when a key is set (a browser cannot add a header to a page load); so do its
 example pictures (public synthetic renders, :mod:`serve.gallery`), under ``EXAMPLES_PREFIX`` too."""
+
+ROUTE_ERRORS: dict[tuple[str, str], dict[int, str]] = {
+    ("POST", "/v1/tryon"): {
+        404: "No such model, one this key may not use, or no such experiment (`field` names it)",
+        422: "Matches the schema but cannot be served: not an image, a mask of another size or empty, no "
+             "garment, no parser for a missing mask (`field` names it)",
+        503: "Overloaded: retry after `Retry-After` seconds"},
+    ("POST", "/v1/feedback"): {
+        404: "No such request id (an answer's `X-Request-Id`), or this server keeps no event log",
+        422: "A choice between one request and itself, or a preferred id that is neither compared one"},
+    ("GET", "/v1/usage"): {404: "This server has no customer keys"},
+}
+"""The refusals of each operation beside those every one can give (401, 429, and 400 / 413 for a
+body): published in /openapi.json with their :data:`serve.openapi.ERROR` body."""
+FEEDBACK = {
+    "type": "object", "required": ["request_id"],
+    "properties": {
+        "request_id": {"type": "string", "description": "`X-Request-Id` of the answer judged"},
+        "rating": {"type": "integer", "minimum": 1, "maximum": 5, "description": "A 1-5 rating of that answer"},
+        "other_request_id": {"type": "string", "description": "A choice: the answer it was compared with"},
+        "preferred_request_id": {"type": "string", "description": "A choice: the one the user preferred"},
+        "user_id": {"type": "string", "description": "Who chose (the `x-tryon-user` of the requests)"}},
+    "oneOf": [{"required": ["rating"]}, {"required": ["other_request_id", "preferred_request_id"]}],
+}
+"""``POST /v1/feedback``'s JSON body, as published (the route reads it itself, to name what is wrong)."""
 
 
 class Backend(Protocol):
@@ -185,7 +210,9 @@ def create_api(settings: ServeConfig, backend: Backend) -> FastAPI:
         field = loc[1] if len(loc) > 1 and loc[0] in ("body", "query", "header") else (loc[0] if loc else "body")
         details = [{"field": ".".join(str(x) for x in e.get("loc", ())[1:]) or "body", "error": e.get("msg", "")}
                    for e in errors]
-        return error(422, field, f"{field}: {errors[0].get('msg', 'invalid')}" if errors else "invalid request",
+        # 400: the request does not match the published schema (a client to fix); 422 is kept for
+        # requests that match it but cannot be served (a photo that is no image, a mask of another size)
+        return error(400, field, f"{field}: {errors[0].get('msg', 'invalid')}" if errors else "invalid request",
                      details=details)
 
     @app.exception_handler(StarletteHTTPException)
@@ -218,7 +245,8 @@ def create_api(settings: ServeConfig, backend: Backend) -> FastAPI:
     async def models(request: Request) -> dict:
         return traffic.visible(request, await backend.models())
 
-    @app.post("/v1/feedback", summary="A user's choice between two answers (request ids), or a 1-5 rating of one")
+    @app.post("/v1/feedback", summary="A user's choice between two answers (request ids), or a 1-5 rating of one",
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": FEEDBACK}}}})
     async def feedback(request: Request) -> dict:
         try:
             body = await request.json()
@@ -251,6 +279,21 @@ def create_api(settings: ServeConfig, backend: Backend) -> FastAPI:
     mount_examples(app)  # GET /v1/examples and /examples/{name}.png: the page's gallery
     form_bodies_without_null(app)  # /openapi.json: what a multipart client can send (no null fields)
 
+    def errors_of(path: str, method: str) -> dict[int, str]:
+        """The refusals an operation can answer with, as this server is configured."""
+        out: dict[int, str] = {}
+        guarded = path not in OPEN_PATHS + PAGE_PATHS
+        if guarded and (key or customer_keys):
+            out[401] = "Missing or wrong API key: send `Authorization: Bearer <key>`"
+        if guarded and customer_keys:
+            out[429] = "Over this key's rate: retry after `Retry-After` seconds"
+        if method == "POST":
+            out[400] = "The request does not match this schema (`details` names each field)"
+            out[413] = "Body or image too large (`field` names it)"
+        return out | ROUTE_ERRORS.get((method, path), {})
+
+    document_errors(app, errors_of)  # /openapi.json: every status a client can get, with its body
+
     @app.post(
         "/v1/tryon",
         summary="Dress a person in a garment, or in an outfit (a top and a bottom, or a full garment)",
@@ -264,11 +307,7 @@ def create_api(settings: ServeConfig, backend: Backend) -> FastAPI:
         responses={
             200: {"content": {**{t: {} for t in FORMATS.values()}, "application/json": {}},
                   "description": "The person wearing the garment(s), at the person photo's size"},
-            401: {"description": "Missing or wrong API key"},
-            413: {"description": "Body or image too large (`field` names it)"},
-            422: {"description": "A field is missing or unusable (`field` names it)"},
-            503: {"description": "Overloaded: retry after `Retry-After` seconds"},
-        },
+        },  # the refusals: ROUTE_ERRORS and errors_of
     )
     async def tryon(
         request: Request,

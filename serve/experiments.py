@@ -43,6 +43,10 @@ EXAMPLE = ("experiments:\n"
 """What a valid section looks like: quoted in every config error."""
 
 
+class UnknownRequest(ValueError):
+    """A choice or rating names a request id the log never recorded."""
+
+
 @dataclass(frozen=True)
 class Experiment:
     """One experiment: its users split among models in proportion to the weights."""
@@ -206,7 +210,7 @@ class EventLog:
     def _require(self, *request_ids: str) -> None:
         for rid in request_ids:
             if self._db.execute("SELECT 1 FROM requests WHERE request_id = ?", (rid,)).fetchone() is None:
-                raise ValueError(f"unknown request id {rid!r}: record the request before a choice or rating on it")
+                raise UnknownRequest(f"unknown request id {rid!r}: record the request before a choice or rating on it")
 
     def requests(self, experiment: str | None = None) -> list[dict[str, Any]]:
         """Recorded requests, oldest first (only ``experiment``'s when given)."""

@@ -339,6 +339,7 @@ def _add(args) -> int:
                          f"or revoke it first (python -m serve.keys revoke --file {args.file} --name {args.name})")
     key = new_key()
     models = [m.strip() for m in args.models.split(",") if m.strip()]
+    models = [ALL if m == "all" else m for m in models]  # "all" on a command line means every model, as '*'
     try:
         entry = KeyEntry(args.name, hash_key(key), tuple(models), args.rate, args.burst)
     except ValueError as e:
@@ -376,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     add = sub.add_parser("add", help="create a key for a customer and print it once")
     add.add_argument("--name", required=True, help="the customer's label, unique in the file")
-    add.add_argument("--models", required=True, help=f"comma-separated model ids it may use, or '{ALL}' for all")
+    add.add_argument("--models", required=True, help=f"comma-separated model ids it may use, or '{ALL}' (or 'all') for all")
     add.add_argument("--rate", type=float, required=True, help="sustained requests per second (> 0)")
     add.add_argument("--burst", type=int, required=True, help="requests at once after a pause (>= 1)")
     add.set_defaults(run=_add)

@@ -50,3 +50,34 @@ def form_bodies_without_null(app: FastAPI) -> None:
         return app.openapi_schema
 
     app.openapi = openapi
+
+
+ERROR = {"type": "object", "required": ["error", "field"],
+         "properties": {"error": {"type": "string", "description": "What is wrong and what to do"},
+                        "field": {"type": ["string", "null"], "description": "The field, header or part to fix"},
+                        "details": {"type": "array", "items": {"type": "object"},
+                                    "description": "400: every field that does not match the schema"}}}
+"""The body of every refusal (``serve.app.error``): JSON with ``error`` and ``field``."""
+
+
+def document_errors(app: FastAPI, errors_of) -> None:
+    """Add to ``app``'s schema, on each operation, the refusals it can answer with:
+    ``errors_of(path, method) -> {status: description}``, each with the :data:`ERROR` body. A client
+    generated from the schema then knows every status it can get (schemathesis' "ST103
+    undocumented status code" found 404 and 429 missing)."""
+    generate, done = app.openapi, []
+
+    def openapi() -> dict[str, Any]:
+        schema = generate()
+        if not done:
+            schema.setdefault("components", {}).setdefault("schemas", {})["Error"] = ERROR
+            for path, ops in schema.get("paths", {}).items():
+                for method, op in ops.items():
+                    for status, why in errors_of(path, method.upper()).items():
+                        op.setdefault("responses", {})[str(status)] = {
+                            "description": why,
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+            done.append(True)
+        return schema
+
+    app.openapi = openapi

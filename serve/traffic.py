@@ -21,7 +21,7 @@ from fastapi import FastAPI, Request
 from catvton.infer.registry import MODEL_ID
 from catvton.infer.request import InputError
 from catvton.infer.serving import ServeConfig, repo_path
-from serve.experiments import EventLog, Experiment, assign, parse_experiments
+from serve.experiments import EventLog, Experiment, UnknownRequest, assign, parse_experiments
 from serve.keys import KeyQuota, KeyRing, Usage
 
 USER_HEADER = "x-tryon-user"
@@ -104,7 +104,7 @@ class Traffic:
                              status=404)
         if not isinstance(body, dict) or not isinstance(body.get("request_id"), str):
             raise InputError("request_id", "send JSON with request_id (from X-Request-Id) and either rating "
-                             "(1-5) or other_request_id and preferred_request_id")
+                             "(1-5) or other_request_id and preferred_request_id", status=400)
         try:
             if "rating" in body:
                 self.events.record_rating(body["request_id"], body["rating"])
@@ -112,5 +112,7 @@ class Traffic:
             self.events.record_choice(body["request_id"], body.get("other_request_id"),
                                       body.get("preferred_request_id"), user_id=body.get("user_id"))
             return {"recorded": "choice"}
+        except UnknownRequest as e:  # an answer this server never gave: nothing to attach the feedback to
+            raise InputError("request_id", str(e), status=404) from e
         except ValueError as e:
             raise InputError("request_id", str(e)) from e

@@ -100,9 +100,17 @@ def test_a_population_that_prefers_b_sixty_percent_is_measured_as_such_and_the_e
     r = tryon(again, {"x-tryon-user": "user-0"})  # no model named: the user's arm
     assert r.status_code == 200 and r.headers["x-tryon-experiment"] == "bottoms-v2"
     assert report()["arms"][r.headers["x-tryon-model"]]["requests"] == 401
-    # feedback names answers this server gave; anything else is refused and names the field
+    # feedback names answers this server gave: another id is not found (404), a choice of a request
+    # against itself cannot be recorded (422), a body that is not the published JSON is a 400; each
+    # names the field
     bad = again.post("/v1/feedback", json={"request_id": "nope", "rating": 4})
-    assert bad.status_code == 422 and bad.json()["field"] == "request_id"
+    assert bad.status_code == 404 and bad.json()["field"] == "request_id" and "unknown request id" in bad.text
+    same = again.post("/v1/feedback", json={"request_id": r.headers["x-request-id"], "other_request_id":
+                                            r.headers["x-request-id"], "preferred_request_id": r.headers["x-request-id"]})
+    assert same.status_code == 422 and same.json()["field"] == "request_id", same.text
+    for body in ({"rating": 4}, [1, 2], None):
+        bad = again.post("/v1/feedback", json=body)
+        assert bad.status_code == 400 and bad.json()["field"] == "request_id", bad.text
 
 
 def test_every_user_keeps_the_arm_they_were_given(tmp_path):
@@ -160,12 +168,13 @@ def test_a_customer_key_reaches_its_own_models_at_its_own_rate(tmp_path, keys):
     assert usage.status_code == 429  # shop-b's burst of 2 is spent
 
 
-def test_a_model_name_that_is_no_model_id_is_a_422_not_a_crash(tmp_path):
+def test_a_model_name_that_is_no_model_id_is_refused_naming_the_field_not_a_crash(tmp_path):
     """Found by the fuzz run (tests/test_serve_api.py): a `model` of arbitrary characters reached
-    the metrics as a label (Ray's tags are ASCII) and answered 500."""
+    the metrics as a label (Ray's tags are ASCII) and answered 500. Longer than the schema's 64: a
+    400 (the request does not match the schema); within it but no model id: 422."""
     client = app(tmp_path)
-    for name in ("c<\U000e0a2ciI", "a" * 65, "../etc"):
+    for name, status in (("c<\U000e0a2ciI", 422), ("a" * 65, 400), ("../etc", 422)):
         r = tryon(client, model=name)
-        assert r.status_code == 422 and r.json()["field"] == "model", r.text
+        assert r.status_code == status and r.json()["field"] == "model", r.text
     r = tryon(client, {"x-tryon-model": "bad name"})
     assert r.status_code == 422 and r.json()["field"] == "model"
