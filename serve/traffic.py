@@ -78,11 +78,17 @@ class Traffic:
         return model, experiment, user
 
     def visible(self, request: Request, listed: dict[str, Any]) -> dict[str, Any]:
-        """``GET /v1/models`` as the caller may see it: another key's models are not listed."""
+        """``GET /v1/models`` as the caller may see it, with the running experiments (name and arms,
+        the page's side-by-side comparison): another key's models are not listed, nor an experiment
+        arm the key may not use (an experiment left with fewer than two is not listed)."""
         allowed = self.allowed(request)
-        if allowed is None or "*" in allowed:
+        everything = allowed is None or "*" in allowed
+        keep = set(allowed or ())
+        experiments = [{"name": e.name, "arms": {m: w for m, w in e.arms.items() if everything or m in keep}}
+                       for e in self.experiments]
+        listed = {**listed, "experiments": [e for e in experiments if len(e["arms"]) >= 2]}
+        if everything:
             return listed
-        keep = set(allowed)
         return {**listed, "models": [m for m in listed.get("models", []) if m["id"] in keep],
                 "refused": {k: v for k, v in listed.get("refused", {}).items() if k in keep},
                 "loaded": [m for m in listed.get("loaded", []) if m in keep],
