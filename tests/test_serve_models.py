@@ -2,8 +2,8 @@
 three releases and two broken folders on one base, at most two adapters per replica; each model's
 answer is the picture a single-LoRA application gives for the same request and seed, a model evicted
 for a third is loaded again on its next request, an unknown model is a 404 naming the list, and a
-broken release is refused with its reason while the others serve. tests/test_multi_lora.py checks the
-library side without Ray."""
+broken release is refused with its reason while the others serve; an experiment's events survive a
+redeploy of its application. tests/test_multi_lora.py checks the library side without Ray."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def servers(ray_session, registry):
     serve.shutdown()
 
 
-def _request(url: str, name: str | None = None, **data) -> requests.Response:
+def _request(url: str, name: str | None = None, headers: dict | None = None, **data) -> requests.Response:
     rng = np.random.default_rng(0)
     person = rng.integers(0, 255, (128, 96, 3), dtype=np.uint8)
     mask = np.zeros((128, 96), np.uint8)
@@ -81,7 +81,7 @@ def _request(url: str, name: str | None = None, **data) -> requests.Response:
     files = {"person": ("p.png", png(person), "image/png"),
              "garment": ("g.png", png(np.full((60, 40, 3), (200, 40, 40), np.uint8)), "image/png"),
              "mask": ("m.png", png(mask), "image/png")}
-    headers = {"x-tryon-model": name} if name else {}
+    headers = {**(headers or {}), **({"x-tryon-model": name} if name else {})}
     return requests.post(f"{url}/v1/tryon", files=files, data={**STEPS, **data}, headers=headers, timeout=300)
 
 
@@ -190,3 +190,49 @@ def test_the_metrics_endpoint_counts_requests_per_model_and_adapter_loads(server
         after = _scrape()
     assert _value(after, "tryon_adapter_loads") == info["loads"] >= 1, (after, info)
     assert _value(after, "tryon_adapter_evictions") == info["evictions"]
+
+
+def test_experiment_events_survive_a_redeploy_of_the_application(servers, registry, tmp_path):
+    """Issue 28, acceptance 2 through Serve itself: an application with an experiment and an event
+    log is deleted and deployed again (``serve.delete`` + ``serve.run``, new replicas); the report
+    over the log is the same after as before, and a request to the new deployment is added to it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ray import serve
+
+    from serve.app import application
+
+    events = tmp_path / "events.sqlite"
+    settings = {"torch_threads": 1, "max_batch_size": 1, "registry": str(registry), "max_adapters": 2,
+                "experiments": [{"name": "bottoms-v2", "arms": {"m-a": 1.0, "m-b": 1.0}}], "events": str(events)}
+    small = {"ray_actor_options": {"num_cpus": 0}, "max_ongoing_requests": 4}
+    url = f"{servers}/ab"
+
+    def report() -> dict:
+        done = subprocess.run([sys.executable, "-m", "serve.ab_report", "--events", str(events), "--json"],
+                              cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    serve.run(application(settings, model_options=small), name="ab", route_prefix="/ab")
+    arms = {}
+    for n in range(6):
+        r = _request(url, headers={"x-tryon-user": f"user-{n}"})
+        assert r.status_code == 200 and r.headers["x-tryon-experiment"] == "bottoms-v2", r.text
+        arms[f"user-{n}"] = r.headers["x-tryon-model"]
+    a = _request(url, "m-a", headers={"x-tryon-experiment": "bottoms-v2"}).headers["x-request-id"]
+    b = _request(url, "m-b", headers={"x-tryon-experiment": "bottoms-v2"}).headers["x-request-id"]
+    assert requests.post(f"{url}/v1/feedback", json={"request_id": a, "other_request_id": b,
+                                                     "preferred_request_id": b}, timeout=60).status_code == 200
+    before = report()
+    assert sum(arm["requests"] for arm in before["arms"].values()) == 8 and before["pairs"][0]["comparisons"] == 1
+    serve.delete("ab")
+    assert requests.get(f"{url}/healthz", timeout=30).status_code == 404, "the application is gone"
+    serve.run(application(settings, model_options=small), name="ab", route_prefix="/ab")
+    assert report() == before, "the events survived the redeploy"
+    r = _request(url, headers={"x-tryon-user": "user-0"})
+    assert r.headers["x-tryon-model"] == arms["user-0"], "the same arm after the redeploy"
+    assert report()["arms"][arms["user-0"]]["requests"] == before["arms"][arms["user-0"]]["requests"] + 1
+    serve.delete("ab")
