@@ -355,8 +355,9 @@ def create_api(settings: ServeConfig, backend: Backend) -> FastAPI:
             label = chosen[0] if field != "model" and chosen[0] and MODEL_ID.match(chosen[0]) else \
                 ("unknown" if chosen[0] else None)
             metrics.request_done(label, status, reason=field or ("overloaded" if status == 503 else None))
-            request_id = traffic.record(*chosen, status, time.perf_counter() - start, error=message)
-            return error(status, field, message, headers={**(headers or {}), "X-Request-Id": request_id})
+            request_id, echo = traffic.request_id(request)
+            traffic.record(request_id, *chosen, status, time.perf_counter() - start, error=message)
+            return error(status, field, message, headers={**(headers or {}), **({"X-Request-Id": request_id} if echo else {})})
 
         if output == "png" and image_format not in (None, "png"):
             return refused(422, "format", f"output=png asks for a PNG but format={image_format}: send output=image")
@@ -397,16 +398,17 @@ def create_api(settings: ServeConfig, backend: Backend) -> FastAPI:
         width, height = decoded.person.size
         answered = result.get("model") or chosen[0]
         metrics.request_done(answered, 200, spans)
-        request_id = traffic.record(answered, chosen[1], chosen[2], 200, spans["total"])
+        request_id, echo = traffic.request_id(request)
+        traffic.record(request_id, answered, chosen[1], chosen[2], 200, spans["total"])
+        id_header = {"X-Request-Id": request_id} if echo else {}  # else the proxy's, the same id
         if chosen[1]:
             meta["experiment"] = chosen[1]
         if output == "json":
             # image_png_base64 for a PNG, as before `format` existed; image_jpeg_base64 ... otherwise
             return JSONResponse({f"image_{fmt}_base64": base64.b64encode(body).decode(), "media_type": FORMATS[fmt],
                                  "width": width, "height": height, **meta, "regions": result["regions"],
-                                 "request_id": request_id}, headers={"X-Request-Id": request_id})
-        headers = {f"X-Tryon-{k.replace('_', '-').title()}": str(v) for k, v in meta.items()}
-        headers["X-Request-Id"] = request_id
+                                 "request_id": request_id}, headers=id_header)
+        headers = {f"X-Tryon-{k.replace('_', '-').title()}": str(v) for k, v in meta.items()} | id_header
         headers["Server-Timing"] = ", ".join(f"{k};dur={v * 1000:.1f}" for k, v in spans.items())
         return Response(body, media_type=FORMATS[fmt], headers=headers)
 

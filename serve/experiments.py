@@ -182,6 +182,10 @@ class EventLog:
             except sqlite3.IntegrityError:
                 raise ValueError(f"request {request_id!r} is already recorded: request ids must be unique") from None
 
+    def has_request(self, request_id: str) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM requests WHERE request_id = ?", (request_id,)).fetchone() is not None
+
     def record_choice(self, request_id: str, other_request_id: str, preferred_request_id: str,
                       user_id: str | None = None, ts: float | None = None) -> None:
         """A side by side: the user saw the answers of two recorded requests (normally two arms on

@@ -13,6 +13,7 @@ them means something. The answer names its model (``X-Tryon-Model``) and its req
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Any
 
@@ -25,6 +26,9 @@ from serve.experiments import EventLog, Experiment, UnknownRequest, assign, pars
 from serve.keys import KeyQuota, KeyRing, Usage
 
 USER_HEADER = "x-tryon-user"
+REQUEST_ID_HEADER = "x-request-id"
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+"""A request id taken as it comes: what Serve generates (a UUID) or a client's own of that form."""
 EXPERIMENT_HEADER = "x-tryon-experiment"
 
 
@@ -94,14 +98,24 @@ class Traffic:
                 "loaded": [m for m in listed.get("loaded", []) if m in keep],
                 "default": listed.get("default") if listed.get("default") in keep else None}
 
-    def record(self, model: str | None, experiment: str | None, user: str | None, status: int,
-               latency_s: float | None, error: str | None = None) -> str:
-        """A request id for the answer, and its event when an event log is set."""
-        request_id = uuid.uuid4().hex
+    def request_id(self, request: Request) -> tuple[str, bool]:
+        """The id an answer is recorded and referred to by (``POST /v1/feedback``), and whether the
+        answer must carry it in ``X-Request-Id``. Ray Serve's proxy gives every request an
+        ``x-request-id`` (the client's, if it sent one) and puts that header on the answer itself:
+        the ingress uses that id and adds no second header (two were sent before, joined by a comma,
+        and feedback on the joined string found no request). A request without one (the ingress
+        run without Serve), with a malformed one or one already recorded gets a new id, sent back."""
+        given = request.headers.get(REQUEST_ID_HEADER, "")
+        if REQUEST_ID.match(given) and (self.events is None or not self.events.has_request(given)):
+            return given, False
+        return uuid.uuid4().hex, True
+
+    def record(self, request_id: str, model: str | None, experiment: str | None, user: str | None, status: int,
+               latency_s: float | None, error: str | None = None) -> None:
+        """The answer's event, when an event log is set."""
         if self.events is not None:
             self.events.record_request(request_id, model or "default", experiment=experiment, user_id=user,
                                        status=status, latency_s=latency_s, error=error)
-        return request_id
 
     def feedback(self, body: dict[str, Any]) -> dict[str, Any]:
         """``POST /v1/feedback``: a choice between two answers, or a 1-5 rating of one."""

@@ -178,3 +178,29 @@ def test_a_model_name_that_is_no_model_id_is_refused_naming_the_field_not_a_cras
         assert r.status_code == status and r.json()["field"] == "model", r.text
     r = tryon(client, {"x-tryon-model": "bad name"})
     assert r.status_code == 422 and r.json()["field"] == "model"
+
+
+def test_the_request_id_is_the_proxys_when_it_gives_one(tmp_path):
+    """Ray Serve's proxy gives every request an ``x-request-id`` and puts it on the answer itself:
+    the ingress records the answer under that id and adds no second header (through Serve the two
+    were joined by a comma, and feedback on that string found no request:
+    tests/test_serve_models.py, slow). Without one, or with one already used, the id is new and sent."""
+    from serve.experiments import EventLog
+
+    events = tmp_path / "events.sqlite"
+    client = app(tmp_path, experiments=[EXPERIMENT], events=str(events))
+    given = "5c0ffee0-aaaa-4bbb-8ccc-123456789abc"
+    r = tryon(client, {"x-request-id": given, "x-tryon-model": "m-a"})
+    assert r.status_code == 200 and "x-request-id" not in r.headers, r.headers
+    json_answer = tryon(client, {"x-request-id": given + "-2", "x-tryon-model": "m-b"}, output="json")
+    assert json_answer.json()["request_id"] == given + "-2" and "x-request-id" not in json_answer.headers
+    again = tryon(client, {"x-request-id": given, "x-tryon-model": "m-b"})  # reused: a new id, sent back
+    fresh = again.headers["x-request-id"]
+    assert fresh != given and "," not in fresh
+    for bad in ("a,b", "x" * 200):
+        assert tryon(client, {"x-request-id": bad}).headers["x-request-id"] not in (bad, "")
+    ok = client.post("/v1/feedback", json={"request_id": given, "other_request_id": fresh,
+                                           "preferred_request_id": fresh})
+    assert ok.status_code == 200, ok.text
+    with EventLog(events) as log:
+        assert {given, given + "-2", fresh} <= {row["request_id"] for row in log.requests()}
